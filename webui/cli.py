@@ -1,0 +1,92 @@
+"""Command-line arguments: the app's flags (A1111's names where they exist) and the headless txt2img command.
+Parsing only; must not import torch, diffusers or gradio (argument errors must be instant)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from webui.core import samplers
+from webui.core.params import EMPHASIS_MODES, OUTPUT_FORMATS, RNG_SOURCES, GenerationParams
+
+
+def _add_path_flags(parser: argparse.ArgumentParser, default_data_dir: Path, on_subcommand: bool) -> None:
+    # On a subcommand the defaults are suppressed, so flags given before the subcommand name survive
+    # (argparse lets a subparser's defaults overwrite the main parser's values).
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if on_subcommand else value
+
+    parser.add_argument(
+        "--data-dir", type=Path, default=default(default_data_dir),
+        help=f"folder holding models/ and outputs/ (default: {default_data_dir})",
+    )
+    parser.add_argument(
+        "--ckpt-dir", type=Path, action="append", default=default([]),
+        help="an extra folder of checkpoints, searched after models/Stable-diffusion (repeatable)",
+    )
+    parser.add_argument(
+        "--outdir", type=Path, default=default(None),
+        help="outputs folder; images go to OUTDIR/txt2img-images/YYYY-MM-DD/ (default: DATA_DIR/outputs)",
+    )
+    parser.add_argument(
+        "--use-cpu", action="store_true", default=default(False),
+        help="run on the CPU even when CUDA is available",
+    )
+
+
+def build_parser(default_data_dir: Path) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m webui", description="Stable Diffusion web UI")
+    _add_path_flags(parser, default_data_dir, on_subcommand=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    defaults = GenerationParams()
+    txt2img = commands.add_parser(
+        "txt2img",
+        help="generate images without the UI; prints the path of each saved image",
+        description="Generate images headlessly. Prints the path of each saved image, one per line.",
+    )
+    _add_path_flags(txt2img, default_data_dir, on_subcommand=True)
+    txt2img.add_argument(
+        "--ckpt", default=None,
+        help="checkpoint: a path, a file name in the model folder, a name without extension, "
+        "or A1111's 10-character short hash (default: the first checkpoint found)",
+    )
+    txt2img.add_argument("--prompt", required=True)
+    txt2img.add_argument("--negative-prompt", default=defaults.negative_prompt)
+    txt2img.add_argument("--steps", type=int, default=defaults.steps)
+    txt2img.add_argument("--cfg-scale", type=float, default=defaults.cfg_scale)
+    txt2img.add_argument("--sampler", default=defaults.sampler, help=f"one of: {', '.join(samplers.SAMPLERS)}")
+    txt2img.add_argument("--scheduler", default=defaults.scheduler, help=f"one of: {', '.join(samplers.SCHEDULES)}")
+    txt2img.add_argument("--seed", type=int, default=defaults.seed, help="-1 picks a random seed")
+    txt2img.add_argument("--width", type=int, default=defaults.width)
+    txt2img.add_argument("--height", type=int, default=defaults.height)
+    txt2img.add_argument("--clip-skip", type=int, default=defaults.clip_skip)
+    txt2img.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    txt2img.add_argument("--batch-count", type=int, default=defaults.batch_count)
+    txt2img.add_argument("--rng", dest="rng_source", default=defaults.rng_source, choices=RNG_SOURCES,
+                         help="random number source, as A1111's setting (default: %(default)s)")
+    txt2img.add_argument("--emphasis", default=defaults.emphasis, choices=EMPHASIS_MODES)
+    txt2img.add_argument("--format", dest="output_format", default=defaults.output_format, choices=OUTPUT_FORMATS)
+    return parser
+
+
+def params_from_args(args: argparse.Namespace) -> GenerationParams:
+    """The txt2img arguments as GenerationParams (not yet validated)."""
+    return GenerationParams(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        checkpoint=args.ckpt,
+        sampler=args.sampler,
+        scheduler=args.scheduler,
+        steps=args.steps,
+        cfg_scale=args.cfg_scale,
+        seed=args.seed,
+        width=args.width,
+        height=args.height,
+        clip_skip=args.clip_skip,
+        batch_size=args.batch_size,
+        batch_count=args.batch_count,
+        rng_source=args.rng_source,
+        emphasis=args.emphasis,
+        output_format=args.output_format,
+    )

@@ -1,0 +1,33 @@
+"""Latents to pictures: VAE decode with the fp16 NaN fallback, and A1111's float-to-8-bit rule.
+Must not import gradio, fastapi or webui.app."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+
+def decode_latent(vae: torch.nn.Module, latent: torch.Tensor, scaling_factor: float) -> torch.Tensor:
+    """One latent (1, 4, h, w) → image tensor (3, H, W) in [0, 1].
+
+    A half-precision VAE can overflow to NaN on some images (A1111's NansException); then the VAE
+    is switched to float32 for good and the decode repeated, as A1111's auto_vae_precision does.
+    """
+    vae_dtype = next(vae.parameters()).dtype
+    decoded = vae.decode(latent.to(vae_dtype) / scaling_factor).sample
+    if torch.isnan(decoded).any() and vae_dtype != torch.float32:
+        logger.warning("VAE produced NaN in %s; switching the VAE to float32 and decoding again", vae_dtype)
+        vae.to(torch.float32)
+        decoded = vae.decode(latent.to(torch.float32) / scaling_factor).sample
+    return torch.clamp((decoded[0].float() + 1.0) / 2.0, min=0.0, max=1.0)
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [0, 1] → RGB picture; 255·x truncated to uint8 exactly as A1111 does (not rounded)."""
+    array = 255.0 * np.moveaxis(image.cpu().numpy(), 0, 2)
+    return Image.fromarray(array.astype(np.uint8))
