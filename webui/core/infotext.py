@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from webui.core import samplers
+from webui.core.prompt_parser import parse_prompt_attention
 from webui.core.params import GenerationParams, ParamError
 
 NEGATIVE_PROMPT_PREFIX = "Negative prompt:"
@@ -22,26 +23,6 @@ MIN_PARAMS_ON_LAST_LINE = 3
 _PARAM_PATTERN = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 # A1111 splits "WxH" values into "<key>-1" and "<key>-2" (Size, Hires resize, Seed resize from).
 _SIZE_PATTERN = re.compile(r"^(\d+)x(\d+)$")
-
-# Tokens of A1111's prompt attention syntax (prompt_parser.re_attention), used only to decide whether a
-# prompt carries emphasis weights, which is when A1111's parser injects "Emphasis: Original".
-_ATTENTION_TOKEN = re.compile(
-    r"""
-      \\[()\[\]\\]              # escaped bracket or backslash: literal text
-    | \\                        # lone backslash: literal text
-    | \(
-    | \[
-    | :\s*([+-]?[.\d]+)\s*\)    # explicit weight that closes a round bracket
-    | \)
-    | \]
-    | [^\\()\[\]:]+
-    | :
-    """,
-    re.VERBOSE,
-)
-_BREAK_PATTERN = re.compile(r"\s*\bBREAK\b\s*", re.S)
-_ROUND_BRACKET_WEIGHT = 1.1
-_SQUARE_BRACKET_WEIGHT = 1 / 1.1
 
 # Largest float still written as an integer; beyond it str(int(x)) would print spurious digits.
 _LARGEST_EXACT_INTEGRAL_FLOAT = 2.0**53
@@ -128,49 +109,13 @@ def _join_like_a1111(lines: list[str]) -> str:
 
 
 def _prompt_uses_emphasis(prompt: str) -> bool:
-    """True when A1111's attention parser would give some text a weight other than 1.0."""
-    weights: list[float] = []
-    is_break: list[bool] = []
-    round_starts: list[int] = []
-    square_starts: list[int] = []
-
-    def multiply_from(start: int, factor: float) -> None:
-        for position in range(start, len(weights)):
-            weights[position] *= factor
-
-    for match in _ATTENTION_TOKEN.finditer(prompt):
-        token, explicit_weight = match.group(0), match.group(1)
-        if token.startswith("\\"):
-            weights.append(1.0)
-            is_break.append(False)
-        elif token == "(":
-            round_starts.append(len(weights))
-        elif token == "[":
-            square_starts.append(len(weights))
-        elif explicit_weight is not None and round_starts:
-            try:
-                factor = float(explicit_weight)
-            except ValueError:
-                # A1111 crashes on "(x:.)"; any bracketed weight counts as emphasis here.
-                return True
-            multiply_from(round_starts.pop(), factor)
-        elif token == ")" and round_starts:
-            multiply_from(round_starts.pop(), _ROUND_BRACKET_WEIGHT)
-        elif token == "]" and square_starts:
-            multiply_from(square_starts.pop(), _SQUARE_BRACKET_WEIGHT)
-        else:
-            for index, part in enumerate(_BREAK_PATTERN.split(token)):
-                if index > 0:
-                    weights.append(-1.0)
-                    is_break.append(True)
-                weights.append(1.0)
-                is_break.append(False)
-    # Unclosed brackets still apply to the rest of the prompt, as in A1111.
-    for start in round_starts:
-        multiply_from(start, _ROUND_BRACKET_WEIGHT)
-    for start in square_starts:
-        multiply_from(start, _SQUARE_BRACKET_WEIGHT)
-    return any(weight != 1.0 and not marker for weight, marker in zip(weights, is_break))
+    """True when A1111's attention parser gives some text a weight other than 1.0 (BREAK aside)."""
+    try:
+        fragments = parse_prompt_attention(prompt)
+    except ValueError:
+        # A1111 fails on an unreadable weight such as "(x:.)"; it is still bracket-weight syntax.
+        return True
+    return any(weight != 1.0 and text != "BREAK" for text, weight in fragments)
 
 
 def parse_infotext(text: str) -> InfotextFields:

@@ -40,14 +40,19 @@ class SamplingStopped(Exception):
 class PromptConditioning:
     """Each distinct scheduled text of a prompt encoded once per job; picked per denoiser call."""
 
-    def __init__(self, model: LoadedModel, prompt: str, steps: int, clip_skip: int, emphasis: str) -> None:
+    def __init__(
+        self, model: LoadedModel, field: str, prompt: str, steps: int, clip_skip: int, emphasis: str
+    ) -> None:
         self.schedule = get_prompt_schedule(prompt, steps)
         self.embeddings: dict[str, torch.Tensor] = {}
         for _, text in self.schedule:
-            if text not in self.embeddings:
-                self.embeddings[text] = encode_prompts(
-                    [text], model.text_encoder, model.tokenizer, clip_skip, emphasis
-                ).to(model.policy.unet_dtype)
+            if text in self.embeddings:
+                continue
+            try:
+                encoded = encode_prompts([text], model.text_encoder, model.tokenizer, clip_skip, emphasis)
+            except ValueError as error:  # e.g. an unreadable emphasis weight "(x:1.2.3)"
+                raise ParamError(field, str(error)) from None
+            self.embeddings[text] = encoded.to(model.policy.unet_dtype)
 
     def at(self, denoiser_call: int) -> torch.Tensor:
         return self.embeddings[prompt_at_step(self.schedule, denoiser_call)]
@@ -120,8 +125,9 @@ def generate(
     device = model.policy.device
 
     with torch.inference_mode():
-        cond = PromptConditioning(model, prompt, schedule_steps, params.clip_skip, params.emphasis)
-        uncond = PromptConditioning(model, negative_prompt, schedule_steps, params.clip_skip, params.emphasis)
+        encode_options = (schedule_steps, params.clip_skip, params.emphasis)
+        cond = PromptConditioning(model, "prompt", prompt, *encode_options)
+        uncond = PromptConditioning(model, "negative_prompt", negative_prompt, *encode_options)
         for batch_index in range(params.batch_count):
             if control.interrupted:
                 return

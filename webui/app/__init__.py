@@ -1,0 +1,2 @@
+"""Orchestration: queue, outputs, gallery, extensions, settings store.
+Must not import gradio or fastapi."""
