@@ -41,7 +41,7 @@ def diffusers_pipeline(model: LoadedModel):  # noqa: ANN201 - diffusers type
     from webui.engine.clip_tokenizer import TOKENIZER_DIR
 
     scheduler = EulerDiscreteScheduler.from_config(read_component_config(model.config_dir, "scheduler"))
-    tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), model_max_length=77)
     pipeline = StableDiffusionPipeline(
         vae=model.vae, text_encoder=model.text_encoder, tokenizer=tokenizer, unet=model.unet,
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,

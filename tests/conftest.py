@@ -1,5 +1,5 @@
 """Shared pytest setup: tiny SD 1.x checkpoints in a models folder, and the skip rule for @pytest.mark.gpu tests.
-Must not import webui, and must not import torch at module level (tests that never touch a model stay fast to collect)."""
+Must not import webui, nor torch at module level (tests that never touch a model stay fast to collect)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`<tmp>/models/Stable-diffusion/` with tiny.safetensors + tiny.config/ and tiny_b (another seed) + tiny_b.config/."""
+    """`<tmp>/models/Stable-diffusion/` holding tiny.safetensors + tiny.config/ and tiny_b (seed 1) + tiny_b.config/."""
     from tests.fixtures.tiny_sd import build_tiny_sd1_checkpoint
 
     model_dir = tmp_path_factory.mktemp("webui_root") / "models" / "Stable-diffusion"

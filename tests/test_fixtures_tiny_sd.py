@@ -1,4 +1,4 @@
-"""Tests of the SD 1.x fixtures and shipped config: LDM-layout files that diffusers' own converters read back bit-identically.
+"""Tests of the SD 1.x fixtures and shipped config: LDM-layout files diffusers' converters read back bit-identically.
 Must not import webui: the fixtures are checked against diffusers itself, never against the engine they will test."""
 
 from __future__ import annotations
@@ -185,7 +185,8 @@ def test_shipped_sd1_config_has_the_sd15_values() -> None:
 
     scheduler = shipped_sd1_scheduler_config()
     assert scheduler["_class_name"] == "PNDMScheduler"
-    assert (scheduler["beta_start"], scheduler["beta_end"], scheduler["beta_schedule"]) == (0.00085, 0.012, "scaled_linear")
+    assert (scheduler["beta_start"], scheduler["beta_end"]) == (0.00085, 0.012)
+    assert scheduler["beta_schedule"] == "scaled_linear"
     assert scheduler["num_train_timesteps"] == 1000
     assert scheduler["steps_offset"] == 1
     assert scheduler["set_alpha_to_one"] is False

@@ -14,7 +14,7 @@ import torchsde
 from numpy.polynomial import Polynomial
 
 from webui.core.samplers import SamplerSpec
-from webui.engine.rng import ImageRNG, PhiloxGenerator
+from webui.engine.rng import RNG_SOURCES, ImageRNG, PhiloxGenerator
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(x_in already scaled by c_in, float timesteps t of shape [B]) -> eps, with classifier-free guidance applied."""
@@ -72,7 +72,7 @@ class DiscreteSchedule:
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         """Fractional timestep whose interpolated log-sigma equals log(sigma); clamped to [0, len - 1]."""
         log_sigma = sigma.log()
-        flat = log_sigma.reshape(-1)
+        flat = log_sigma.reshape(-1).contiguous()
         # Last table entry at or below log(sigma); above the table the top segment is reused (and w clamps).
         low_idx = (torch.searchsorted(self.log_sigmas, flat, right=True) - 1).clamp(0, len(self.log_sigmas) - 2)
         high_idx = low_idx + 1
@@ -346,7 +346,7 @@ def sample_dpm_2_ancestral(
 
 
 def _lms_coefficient(order: int, sigmas: np.ndarray, i: int, j: int) -> float:
-    """∫ from sigma_i to sigma_{i+1} of the Lagrange basis polynomial through sigma_i … sigma_{i-order+1} for node i-j.
+    """∫ over [sigma_i, sigma_{i+1}] of the Lagrange basis polynomial of node i - j on sigma_i … sigma_{i-order+1}.
 
     Integrated exactly (the basis is a polynomial of degree order - 1); k-diffusion uses adaptive quadrature,
     which is exact to rounding for these low degrees.
@@ -669,6 +669,8 @@ class BrownianTreeNoiseSampler:
         *,
         source: str = "GPU",
     ) -> None:
+        if source not in RNG_SOURCES:
+            raise ValueError(f"sampling: unknown rng source {source!r}; choose one of: {', '.join(RNG_SOURCES)}")
         seeds = [int(seed) for seed in seeds]
         if len(seeds) != x.shape[0]:
             raise ValueError(f"sampling: {len(seeds)} seeds for a batch of {x.shape[0]} latents")
@@ -678,10 +680,10 @@ class BrownianTreeNoiseSampler:
         # The trees always run in float32: A1111 draws float32 normals and only then casts.
         if source == "NV":
             interval_class = _brownian_interval_class(_philox_torchsde_randn)
-            tree_device = x.device
+            # The interval settings torchsde.BrownianTree uses (its defaults), so only the draws differ.
             self._trees = [
                 interval_class(
-                    t0=t0, t1=t1, size=tuple(x.shape[1:]), dtype=torch.float32, device=tree_device,
+                    t0=t0, t1=t1, size=tuple(x.shape[1:]), dtype=torch.float32, device=x.device,
                     entropy=seed, tol=1e-6, pool_size=24, halfway_tree=True,
                 )
                 for seed in seeds
@@ -760,9 +762,11 @@ def sample_ddim(
         pred_x0 = (x - sqrt_one_minus_at * e_t) / a_t.sqrt()
         dir_xt = (1.0 - a_prev - sigma_t**2).sqrt() * e_t
         x = a_prev.sqrt() * pred_x0 + dir_xt
+        # The same step in k-diffusion units: from sigma(ᾱ_t) down to sigma(ᾱ_prev).
+        step_sigma = ((1 - alphas[index]) / alphas[index]) ** 0.5
+        reached_sigma = ((1 - alphas_prev[index]) / alphas_prev[index]) ** 0.5
         if eta and noise_sampler is not None:
-            x = x + sigma_t * noise_sampler(a_t, a_prev)
-        reached_sigma = torch.as_tensor(((1 - alphas_prev[index]) / alphas_prev[index]) ** 0.5)
+            x = x + sigma_t * noise_sampler(step_sigma, reached_sigma)
         _report(callback, i, total, x, pred_x0, reached_sigma)
     return x
 
@@ -782,7 +786,7 @@ class _DiscreteVPSchedule:
 
     def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
         xp, fp = self.t_array, self.log_alpha_array
-        flat = t.reshape(-1)
+        flat = t.reshape(-1).contiguous()
         # Segment containing t; outside [t_1, t_N] the end segments are extended linearly.
         j = (torch.searchsorted(xp, flat) - 1).clamp(0, len(xp) - 2)
         start_x, end_x, start_y, end_y = xp[j], xp[j + 1], fp[j], fp[j + 1]
