@@ -6,9 +6,11 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -152,10 +154,34 @@ def test_loading_never_reaches_for_the_hub(data_dir: Path, tmp_path: Path) -> No
     assert not attempts.exists(), attempts.read_text()
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def test_app_with_an_empty_model_folder_says_where_to_put_a_checkpoint(tmp_path: Path) -> None:
-    result = webui("--data-dir", str(tmp_path))
-    assert result.returncode == 0, result.stderr
-    assert f"put a Stable Diffusion .safetensors checkpoint in {tmp_path / 'models' / 'Stable-diffusion'}" in result.stdout
+    port = free_port()
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "webui", "--data-dir", str(tmp_path), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env,
+    )
+    try:
+        seen: list[str] = []
+        assert server.stdout is not None
+        for line in server.stdout:
+            seen.append(line)
+            if f"127.0.0.1:{port}" in line:
+                break
+        output = "".join(seen)
+        assert f"put a Stable Diffusion .safetensors checkpoint in {tmp_path / 'models' / 'Stable-diffusion'}" in output
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as response:
+            assert response.status == 200
+        assert server.poll() is None, output
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
     generate = webui("txt2img", "--data-dir", str(tmp_path), "--prompt", "x")
     assert generate.returncode != 0
     assert "no checkpoint found" in generate.stderr and "models/Stable-diffusion" in generate.stderr

@@ -4,6 +4,8 @@ Standard library only (it runs before anything is installed); extra arguments go
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,10 +17,30 @@ import launch  # noqa: E402  (the launcher lives at the project root)
 # Reference implementations the tests compare against. They are installed without their
 # dependencies: both declare torchvision, which has no CPU build here and is never imported.
 REFERENCE_PACKAGES = {"k-diffusion": "0.1.1.post1", "clip-anytorch": "2.6.0"}
+# The browser tests drive Debian's Chromium through Playwright (never `playwright install`).
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def ensure_chromium() -> None:
+    """Install Debian's chromium package when it is missing (CI runs as root on a fresh Debian machine)."""
+    if CHROMIUM.exists():
+        return
+    apt_get = shutil.which("apt-get")
+    if apt_get is None:
+        raise SystemExit(f"[run_tests] {CHROMIUM} is missing and apt-get is not available: install chromium first")
+    prefix = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in ([*prefix, apt_get, "update"], [*prefix, apt_get, "install", "-y", "chromium"]):
+        print(f"[run_tests] {' '.join(command)}", flush=True)
+        if subprocess.run(command, env=env).returncode != 0:
+            raise SystemExit(f"[run_tests] `{' '.join(command)}` failed; the browser tests need {CHROMIUM}")
+    if not CHROMIUM.exists():
+        raise SystemExit(f"[run_tests] chromium was installed but {CHROMIUM} is still missing")
 
 
 def main(pytest_args: list[str]) -> int:
     launch.prepare_environment(extras=("test",))
+    ensure_chromium()
     python = str(launch.venv_python())
     missing = [f"{name}=={version}" for name, version in REFERENCE_PACKAGES.items()
                if launch.installed_version(name) != version]

@@ -37,6 +37,15 @@ def _add_path_flags(parser: argparse.ArgumentParser, default_data_dir: Path, on_
 def build_parser(default_data_dir: Path) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m webui", description="Stable Diffusion web UI")
     _add_path_flags(parser, default_data_dir, on_subcommand=False)
+    parser.add_argument("--listen", action="store_true",
+                        help="serve on 0.0.0.0 so other machines can connect (default: 127.0.0.1 only)")
+    parser.add_argument("--port", type=int, default=7860, help="port to serve on (default: %(default)s)")
+    parser.add_argument("--gradio-auth", default=None, metavar="USER:PASS[,USER:PASS...]",
+                        help="protect the UI with a login")
+    parser.add_argument("--gradio-auth-path", type=Path, default=None, metavar="FILE",
+                        help="a file of USER:PASS entries (one per line or comma-separated)")
+    parser.add_argument("--theme", choices=("light", "dark"), default=None, help="force the UI theme")
+    parser.add_argument("--autolaunch", action="store_true", help="open the UI in the default browser")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     defaults = GenerationParams()

@@ -6,12 +6,25 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from webui import __version__
 from webui.cli import build_parser, params_from_args
+from webui.core.events import JobControl
 from webui.core.params import ParamError, resolve_seed
+
+if TYPE_CHECKING:
+    from webui.app.outputs import SavedImage
+    from webui.app.queue import JobReporter, JobRequest
+    from webui.app.runner import EngineRunner
+    from webui.app.settings_store import SettingsStore
+    from webui.engine.model_registry import ModelRegistry
 
 logger = logging.getLogger("webui")
 
@@ -59,24 +72,177 @@ def run_txt2img(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_credentials(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """--gradio-auth "u:p,u2:p2" and --gradio-auth-path FILE (same format, also one per line)."""
+    entries: list[str] = []
+    if args.gradio_auth:
+        entries.extend(args.gradio_auth.split(","))
+    if args.gradio_auth_path:
+        text = args.gradio_auth_path.read_text(encoding="utf-8")
+        entries.extend(part for line in text.splitlines() for part in line.split(","))
+    credentials: list[tuple[str, str]] = []
+    for entry in (entry.strip() for entry in entries):
+        if not entry:
+            continue
+        user, separator, password = entry.partition(":")
+        if not separator or not user or not password:
+            raise ParamError("gradio_auth", f"expected USER:PASS, got {entry!r}")
+        credentials.append((user, password))
+    return credentials
+
+
+def browser_state_secret(data_dir: Path) -> str:
+    """A per-install secret for the browser-stored UI state, kept so it survives restarts."""
+    path = data_dir / "cache" / "browser-state-secret"
+    if path.is_file():
+        return path.read_text(encoding="utf-8").strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_hex(32)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(secret, encoding="utf-8")
+    temporary.chmod(0o600)
+    os.replace(temporary, path)
+    return secret
+
+
+class DeferredEngine:
+    """The job executor, built on the first job inside the worker thread.
+
+    Importing torch and diffusers takes seconds; deferring it lets the page answer before any model
+    work, as A1111 users expect from a restart.
+    """
+
+    def __init__(self, args: argparse.Namespace, registry: ModelRegistry, settings: SettingsStore,
+                 outputs_root: Callable[[], Path], on_saved: Callable[[SavedImage], None]) -> None:
+        self._args = args
+        self._registry = registry
+        self._settings = settings
+        self._outputs_root = outputs_root
+        self._on_saved = on_saved
+        self._runner: EngineRunner | None = None
+
+    def _build(self) -> EngineRunner:
+        from webui.app.outputs import Outputs
+        from webui.app.runner import EngineRunner
+        from webui.engine.devices import choose_device_policy
+        from webui.engine.model_manager import ModelManager
+
+        policy = choose_device_policy(force_cpu=self._args.use_cpu)
+        logger.info("generating on %s", policy.name)
+
+        def outputs() -> Outputs:
+            return Outputs(self._outputs_root())
+
+        return EngineRunner(
+            ModelManager(self._registry, policy),
+            outputs,
+            lambda: self._settings.current.preview_every_n_steps,
+            INFOTEXT_VERSION,
+            on_saved=self._on_saved,
+            image_format=lambda: self._settings.current.samples_format,
+        )
+
+    def __call__(self, request: JobRequest, reporter: JobReporter, control: JobControl) -> None:
+        if self._runner is None:
+            reporter.message("Starting the engine")
+            self._runner = self._build()
+        self._runner(request, reporter, control)
+
+    def loaded_checkpoint(self) -> tuple[str, str] | None:
+        return self._runner.loaded_checkpoint() if self._runner is not None else None
+
+
 def run_app(args: argparse.Namespace) -> int:
-    """Until the web UI lands: report what is there and how to generate, never crash on no models."""
+    """Serve the web UI; the page answers before any model is loaded."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    keep_off_the_network()
+    from webui.app.gallery import GalleryIndex
+    from webui.app.queue import GenerationQueue, LoadCheckpointRequest
+    from webui.app.settings_store import SettingsStore
+    from webui.app.token_counter import TokenCounter
     from webui.engine.model_registry import ModelRegistry
 
+    credentials = parse_credentials(args)
     registry = ModelRegistry(checkpoint_folders(args))
-    models = registry.scan()
-    print(f"webui {__version__}")
-    if models:
-        print("Checkpoints found:")
-        for info in models:
-            print(f"  {info.name}")
-    else:
-        print(f"No checkpoint found: {registry.where_to_put_checkpoints()}.")
-        print("Any SD 1.x single-file checkpoint works, e.g. v1-5-pruned-emaonly.safetensors.")
+    if not registry.scan():
+        print(f"No checkpoint found: {registry.where_to_put_checkpoints()}. The UI starts anyway.", flush=True)
     for refused in registry.refused_files():
-        print(f"Ignored {refused.name}: pickle checkpoints are not loaded (convert it to .safetensors).")
-    print("The web UI is not part of this version yet. Generate from the command line:")
-    print('  .venv/bin/python -m webui txt2img --prompt "a photo of a cat" --steps 20')
+        print(f"Ignored {refused.name}: pickle checkpoints are not loaded (convert it to .safetensors).", flush=True)
+    settings = SettingsStore(args.data_dir / "config.json")
+    settings.load()
+
+    # Fixed for this run: the server is allowed to serve files from this folder only.
+    started_outdir = args.outdir or (Path(settings.current.outdir) if settings.current.outdir else None)
+    fixed_outputs_root = (started_outdir or args.data_dir / "outputs").resolve()
+
+    def outputs_root() -> Path:
+        return fixed_outputs_root
+
+    gallery = GalleryIndex(outputs_root(), cache_file=args.data_dir / "cache" / "gallery-index.json")
+    engine = DeferredEngine(args, registry, settings, outputs_root, lambda saved: gallery.add(saved.path, saved.infotext))
+    queue = GenerationQueue(engine)
+    queue.start()
+    token_counter = TokenCounter()
+
+    import gradio as gr  # noqa: F401  (imported here: it alone takes seconds)
+
+    from webui.ui.blocks import CSS, HEAD, build_ui, theme_head
+    from webui.ui.context import UiContext
+
+    context = UiContext(
+        queue=queue,
+        settings=settings,
+        gallery=gallery,
+        token_counter=token_counter,
+        list_checkpoints=lambda: [info.name for info in registry.scan()],
+        loaded_checkpoint=engine.loaded_checkpoint,
+        where_to_put_checkpoints=registry.where_to_put_checkpoints(),
+        outputs_root=outputs_root,
+        browser_state_secret=browser_state_secret(args.data_dir),
+    )
+    demo = build_ui(context)
+    demo.queue(default_concurrency_limit=None)
+    host = "0.0.0.0" if args.listen else "127.0.0.1"
+    if args.listen and not credentials:
+        print(
+            "\n" + "!" * 78 + "\n"
+            "WARNING: --listen without --gradio-auth: anyone who can reach this machine can use the UI.\n"
+            + "!" * 78 + "\n",
+            file=sys.stderr,
+        )
+    outputs_root().mkdir(parents=True, exist_ok=True)
+    demo.launch(
+        server_name=host,
+        server_port=args.port,
+        auth=credentials or None,
+        inbrowser=args.autolaunch,
+        prevent_thread_lock=True,
+        allowed_paths=[str(outputs_root().resolve())],
+        css=CSS,
+        head=HEAD + theme_head(args.theme),
+        footer_links=["gradio", "settings"],
+        show_error=True,
+        ssr_mode=False,
+    )
+
+    def warm_up() -> None:
+        # After the page answers: index past outputs, load the tokenizer and the chosen checkpoint.
+        gallery.refresh()
+        token_counter.warm_up()
+        choices = context.list_checkpoints()
+        saved = settings.current.sd_model_checkpoint
+        if choices:
+            queue.submit(LoadCheckpointRequest(saved if saved in choices else choices[0]))
+
+    threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("Stopping.", file=sys.stderr)
+    finally:
+        demo.close()
+        queue.shutdown()
     return 0
 
 
@@ -84,6 +250,8 @@ def main(argv: list[str]) -> int:
     parser = build_parser(default_data_dir())
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # gradio's HTTP client logs every request it makes to itself at INFO.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         if args.command == "txt2img":
             return run_txt2img(args)

@@ -13,7 +13,17 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from webui.app import outputs as outputs_module
-from webui.app.outputs import Outputs, SavedImage, encode_image_with_infotext, next_sequence_number, read_infotext
+from webui.app.outputs import (
+    Outputs,
+    SavedImage,
+    apply_filename_pattern,
+    encode_image_with_infotext,
+    filename_fields_for,
+    next_sequence_number,
+    read_infotext,
+    sanitize_filename_part,
+)
+from webui.core.params import GenerationParams
 
 WHEN = datetime.datetime(2024, 7, 27, 15, 30, 0)
 DAY_FOLDER = Path("txt2img-images") / "2024-07-27"
@@ -338,3 +348,152 @@ def test_reads_in_memory_image_info() -> None:
     picture = Image.new("RGB", (4, 4))
     picture.info["parameters"] = LATIN1_INFOTEXT
     assert read_infotext(picture) == LATIN1_INFOTEXT
+
+
+# --- file name patterns (A1111's samples_filename_pattern) ---------------------------------------------
+
+PATTERN_FIELDS: dict[str, str] = {
+    "seed": "1234",
+    "steps": "20",
+    "cfg": "7.5",
+    "width": "512",
+    "height": "768",
+    "sampler": "DPM++ 2M",
+    "scheduler": "Karras",
+    "model_name": "dream shaper_8",
+    "model_hash": "879db523c3",
+    "prompt": "a cat, (smile:1.2)",
+    "clip_skip": "2",
+    "date": "2024-07-27",
+    "datetime": "2024-07-27T15:30:05",
+}
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        ("[seed]", "1234"),
+        ("[steps]", "20"),
+        ("[cfg]", "7.5"),
+        ("[width]x[height]", "512x768"),
+        ("[sampler]", "DPM++ 2M"),  # A1111 keeps spaces in sampler and model names
+        ("[scheduler]", "Karras"),
+        ("[model_name]", "dream shaper_8"),
+        ("[model_hash]", "879db523c3"),
+        ("[prompt]", "a_cat,_(smile_1.2)"),
+        ("[prompt_spaces]", "a cat, (smile_1.2)"),
+        ("[prompt_words]", "a cat smile 1 2"),
+        ("[clip_skip]", "2"),
+        ("[date]", "2024-07-27"),
+        ("[datetime]", "20240727153005"),
+        ("[datetime<%Y-%m-%d %H:%M>]", "2024-07-27 15_30"),
+        ("[datetime<>]", "20240727153005"),
+        ("[none]", ""),
+        ("[SEED]-[Steps]", "1234-20"),
+        ("run [seed] of [steps]", "run 1234 of 20"),
+        ("[[seed]]", "[1234]"),
+        ("[unknown_tag]", "[unknown_tag]"),
+        ("[unknown<with><args>]", "[unknown]"),  # A1111 drops the arguments of a tag it keeps
+        ("[negative_prompt]", "[negative_prompt]"),  # A1111 has no such tag
+        ("[seed", "[seed"),
+    ],
+)
+def test_each_pattern_tag(pattern: str, expected: str) -> None:
+    assert apply_filename_pattern(pattern, PATTERN_FIELDS) == expected
+
+
+def test_datetime_with_a_time_zone() -> None:
+    fields = {"datetime": "2024-07-27T15:30:05+02:00"}
+    assert apply_filename_pattern("[datetime<%H%M><UTC>]", fields) == "1330"
+    assert apply_filename_pattern("[datetime<%H%M><Asia/Tokyo>]", fields) == "2230"
+    # A1111 ignores a zone it does not know and writes local time.
+    local = datetime.datetime.fromisoformat(fields["datetime"]).astimezone().strftime("%H%M")
+    assert apply_filename_pattern("[datetime<%H%M><Not/AZone>]", fields) == local
+
+
+def test_tags_whose_field_is_missing_stay_literal() -> None:
+    assert apply_filename_pattern("[model_name]-[model_hash]-[prompt]-[datetime]", {}) == (
+        "[model_name]-[model_hash]-[prompt]-[datetime]"
+    )
+    assert apply_filename_pattern("[prompt_words]", {}) == "empty"  # as A1111 with no prompt
+
+
+def test_prompt_words_takes_the_first_eight_words() -> None:
+    fields = {"prompt": "  one,two;three  four\nfive_six (seven:1.1) eight nine ten"}
+    assert apply_filename_pattern("[prompt_words]", fields) == "one two three four five six seven 1"
+    assert apply_filename_pattern("[prompt_words]", {"prompt": "((( ,,, )))"}) == "empty"
+
+
+def test_values_are_sanitised_like_a1111() -> None:
+    nasty = '  lead #<>:"/\\|?*\n\r\tend. . '
+    # Spaces become '_' first, so with replacement the trailing " . " is no longer stripped.
+    assert sanitize_filename_part(nasty) == "__lead_" + "_" * 13 + "end._._"
+    assert sanitize_filename_part(nasty, replace_spaces=False) == "lead " + "_" * 13 + "end"
+    assert apply_filename_pattern("[prompt_spaces]", {"prompt": nasty}) == "lead " + "_" * 13 + "end"
+    assert apply_filename_pattern("[model_name]", {"model_name": "../../etc/passwd"}) == ".._.._etc_passwd"
+    long_prompt = "x" * 200 + " ."
+    assert apply_filename_pattern("[prompt]", {"prompt": long_prompt}) == "x" * 128
+    # The cut comes before the trailing " ." is stripped, as in A1111.
+    assert sanitize_filename_part("y" * 126 + " ...", replace_spaces=False) == "y" * 126
+
+
+def test_filename_fields_for_follows_the_infotext_spelling() -> None:
+    params = GenerationParams(prompt="a cat", negative_prompt="dog", sampler="k_euler", steps=30, cfg_scale=7.0,
+                              width=640, height=448, clip_skip=2)
+    assert filename_fields_for(params, seed=99, model_name="tiny", model_hash="abc123") == {
+        "seed": "99", "steps": "30", "cfg": "7", "width": "640", "height": "448", "sampler": "Euler",
+        "scheduler": "Automatic", "prompt": "a cat", "negative_prompt": "dog", "clip_skip": "2",
+        "model_name": "tiny", "model_hash": "abc123",
+    }
+    default_params = GenerationParams(cfg_scale=6.5)
+    fields = filename_fields_for(default_params, seed=1, model_name=None, model_hash="")
+    assert (fields["cfg"], fields["sampler"], fields["scheduler"]) == ("6.5", "DPM++ 2M", "Karras")
+    assert "model_name" not in fields and "model_hash" not in fields
+
+
+def test_default_pattern_keeps_todays_names_with_fields_given(outputs: Outputs, image: Image.Image) -> None:
+    fields = filename_fields_for(GenerationParams(prompt="a cat"), seed=777, model_name="m", model_hash="h")
+    saved = outputs.save(image, LATIN1_INFOTEXT, seed=777, when=WHEN, filename_fields=fields)
+    assert saved.path.name == "00000-777.png"
+
+
+def test_save_with_a_pattern(outputs: Outputs, image: Image.Image) -> None:
+    params = GenerationParams(prompt="a red cat, sitting", steps=25)
+    fields = filename_fields_for(params, seed=42, model_name="dreamshaper_8", model_hash=None)
+    first = outputs.save(image, LATIN1_INFOTEXT, seed=42, when=WHEN, filename_fields=fields,
+                         pattern="[seed]-[prompt_spaces]")
+    second = outputs.save(image, LATIN1_INFOTEXT, seed=43, when=WHEN, pattern="[model_name]-[datetime]-[date]")
+    third = outputs.save(image, LATIN1_INFOTEXT, seed=44, when=WHEN, filename_fields=fields,
+                         pattern="[model_name] [steps] [seed]")
+    assert [saved.path.name for saved in (first, second, third)] == [
+        "00000-42-a red cat, sitting.png",
+        "00001-[model_name]-20240727153000-2024-07-27.png",
+        "00002-dreamshaper_8 25 42.png",
+    ]
+    assert read_infotext(third.path) == LATIN1_INFOTEXT
+
+
+def test_empty_decoration_gives_the_number_alone(outputs: Outputs, image: Image.Image) -> None:
+    first = outputs.save(image, LATIN1_INFOTEXT, seed=1, when=WHEN, pattern="[none]")
+    second = outputs.save(image, LATIN1_INFOTEXT, seed=2, when=WHEN)
+    third = outputs.save(image, LATIN1_INFOTEXT, seed=3, when=WHEN, pattern="[none]", image_format="jpg")
+    assert [saved.path.name for saved in (first, second, third)] == ["00000.png", "00001-2.png", "00002.jpg"]
+    assert next_sequence_number(day_folder(outputs)) == 3
+
+
+@pytest.mark.parametrize("pattern", ["[seed]/[steps]", "..\\[seed]", "a\x00b"])
+def test_pattern_that_would_make_a_path_is_refused(outputs: Outputs, image: Image.Image, pattern: str) -> None:
+    with pytest.raises(ValueError, match="pattern"):
+        outputs.save(image, LATIN1_INFOTEXT, seed=1, when=WHEN, pattern=pattern)
+    assert not outputs.root.exists()
+
+
+def test_long_names_are_cut_to_fit_the_file_system(outputs: Outputs, image: Image.Image) -> None:
+    fields = {"prompt": "猫" * 200}  # 3 bytes each in UTF-8
+    saved = outputs.save(image, LATIN1_INFOTEXT, seed=1, when=WHEN, filename_fields=fields,
+                         pattern="[prompt]-[prompt]-[prompt]")
+    name_bytes = len(saved.path.name.encode("utf-8"))
+    assert name_bytes <= 255 - len(".") - len(".00000000.tmp")
+    assert saved.path.name.startswith("00000-" + "猫" * 50)
+    assert saved.path.name.endswith(".png")
+    assert read_infotext(saved.path) == LATIN1_INFOTEXT

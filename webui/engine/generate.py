@@ -107,8 +107,12 @@ def generate(
     version: str,
     control: JobControl | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    on_denoised: Callable[[Progress, torch.Tensor], None] | None = None,
 ) -> Iterator[list[GeneratedImage]]:
-    """Yield each batch's images as soon as they are decoded; stop early on interrupt, skip a batch on skip."""
+    """Yield each batch's images as soon as they are decoded; stop early on interrupt, skip a batch on skip.
+
+    `on_denoised` gets each step's x0 prediction (the batch's latents) for live previews.
+    """
     params = params.validated()
     check_params_fit_model(params, model)
     control = control or JobControl()
@@ -136,8 +140,11 @@ def generate(
             rng = ImageRNG(latent_shape, batch_seeds, params.rng_source, device)
 
             def report_step(step: k_sampling.StepInfo, batch_index: int = batch_index) -> None:
+                progress = Progress(step.step + 1, step.total_steps, batch_index, params.batch_count)
                 if on_progress is not None:
-                    on_progress(Progress(step.step + 1, step.total_steps, batch_index, params.batch_count))
+                    on_progress(progress)
+                if on_denoised is not None:
+                    on_denoised(progress, step.denoised)
 
             eps_model = make_eps_model(model, cond, uncond, params.cfg_scale, control)
             try:

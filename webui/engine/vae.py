@@ -11,6 +11,17 @@ from PIL import Image
 
 logger = logging.getLogger(__name__)
 
+# A1111's "Approx cheap" preview: a fixed linear map from the 4 SD 1.x latent channels to RGB
+# (one row per latent channel, one column per colour), good enough to see composition mid-sampling.
+SD1_LATENT_RGB_COEFFICIENTS = (
+    (0.298, 0.207, 0.208),
+    (0.187, 0.286, 0.173),
+    (-0.158, 0.189, 0.264),
+    (-0.184, -0.271, -0.473),
+)
+# A latent pixel covers 8x8 image pixels; the preview is scaled up to show at image size.
+PREVIEW_UPSCALE = 8
+
 
 def decode_latent(vae: torch.nn.Module, latent: torch.Tensor, scaling_factor: float) -> torch.Tensor:
     """One latent (1, 4, h, w) → image tensor (3, H, W) in [0, 1].
@@ -31,3 +42,17 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     """(3, H, W) in [0, 1] → RGB picture; 255·x truncated to uint8 exactly as A1111 does (not rounded)."""
     array = 255.0 * np.moveaxis(image.cpu().numpy(), 0, 2)
     return Image.fromarray(array.astype(np.uint8))
+
+
+def cheap_preview(latents: torch.Tensor) -> Image.Image:
+    """The first latent of a batch (N, 4, h, w) as an RGB picture of size (8w, 8h), without the VAE.
+
+    A1111's "Approx cheap" live preview: costs a matrix product, so it can run every few steps.
+    """
+    coefficients = torch.tensor(SD1_LATENT_RGB_COEFFICIENTS, dtype=torch.float32)
+    first = latents[0].detach().to(device="cpu", dtype=torch.float32)
+    rgb = torch.einsum("chw,cr->rhw", first, coefficients)
+    picture = to_pil(torch.clamp((rgb + 1.0) / 2.0, min=0.0, max=1.0))
+    # Nearest keeps each latent pixel a crisp block, as a preview of the layout rather than a fake upscale.
+    size = (picture.width * PREVIEW_UPSCALE, picture.height * PREVIEW_UPSCALE)
+    return picture.resize(size, Image.Resampling.NEAREST)

@@ -1,0 +1,114 @@
+"""EngineRunner: the queue's production executor; runs txt2img and checkpoint-load jobs on the engine, saves images.
+Must not import gradio or fastapi; imports torch through webui.engine, so main imports this module lazily."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from webui.app.outputs import Outputs, SavedImage
+from webui.app.queue import JobReporter, JobRequest, LoadCheckpointRequest, Txt2ImgRequest
+from webui.core.events import JobControl, Progress
+from webui.core.params import GenerationParams, resolve_seed
+from webui.engine.generate import generate
+from webui.engine.model_manager import LoadedModel, ModelManager
+from webui.engine.model_registry import CHECKPOINT_SUFFIX
+from webui.engine.vae import cheap_preview
+
+
+class EngineRunner:
+    """Runs one job at a time on the queue's worker thread, the only thread that touches the model.
+
+    Settings read through callables (outputs folder, preview interval, file format) are read once per
+    job, so a change made in the UI applies from the next job on.
+    """
+
+    def __init__(
+        self,
+        manager: ModelManager,
+        outputs: Callable[[], Outputs],
+        preview_every_n_steps: Callable[[], int],
+        version: str,
+        on_saved: Callable[[SavedImage], None] | None = None,
+        image_format: Callable[[], str] | None = None,
+    ) -> None:
+        self.manager = manager
+        self.outputs = outputs
+        self.preview_every_n_steps = preview_every_n_steps
+        self.version = version
+        self.on_saved = on_saved
+        self.image_format = image_format
+
+    def __call__(self, request: JobRequest, reporter: JobReporter, control: JobControl) -> None:
+        if isinstance(request, LoadCheckpointRequest):
+            self._load_checkpoint(request.checkpoint, reporter, control)
+        elif isinstance(request, Txt2ImgRequest):
+            self._txt2img(request.params, reporter, control)
+        else:
+            raise TypeError(f"runner: unsupported request type {type(request).__name__}")
+
+    def loaded_checkpoint(self) -> tuple[str, str] | None:
+        """(name, short hash) of the loaded model, or None; safe from any thread (one attribute read)."""
+        current = self.manager.current
+        if current is None:
+            return None
+        return current.info.name, current.short_hash
+
+    def _load_checkpoint(self, checkpoint: str, reporter: JobReporter, control: JobControl) -> None:
+        if control.interrupted:
+            return
+        reporter.message(f"Loading checkpoint {checkpoint}")
+        # No allow_outside_paths: names from requests may only reach files inside the model folders.
+        loaded = self.manager.ensure(checkpoint)
+        reporter.message(f"Loaded {loaded.info.stem} [{loaded.short_hash}]")
+
+    def _txt2img(self, params: GenerationParams, reporter: JobReporter, control: JobControl) -> None:
+        if control.interrupted:
+            return
+        if self._needs_load(params.checkpoint):
+            reporter.message(f"Loading checkpoint {params.checkpoint}" if params.checkpoint else "Loading checkpoint")
+        model = self.manager.ensure(params.checkpoint)
+        outputs = self.outputs()
+        image_format = self.image_format() if self.image_format is not None else params.output_format
+        on_denoised = self._preview_callback(reporter, self.preview_every_n_steps())
+        # The queue resolves -1 at submit; resolving again only matters when the runner is called directly.
+        first_seed = resolve_seed(params.seed)
+        for batch in generate(model, params, first_seed, self.version, control, reporter.progress, on_denoised):
+            # Saved as each batch decodes, so a later failure or interrupt keeps what was already made.
+            for generated in batch:
+                saved = outputs.save(generated.image, generated.infotext, generated.seed, image_format)
+                reporter.image(saved)
+                if self.on_saved is not None:
+                    self.on_saved(saved)
+
+    @staticmethod
+    def _preview_callback(
+        reporter: JobReporter, every_n_steps: int
+    ) -> Callable[[Progress, torch.Tensor], None] | None:
+        """None when previews are off, so the sampler does no preview work at all."""
+        if every_n_steps <= 0:
+            return None
+
+        def on_denoised(progress: Progress, denoised: torch.Tensor) -> None:
+            # Progress steps count from 1: previews at steps N, 2N, ... as A1111's "every N steps".
+            if progress.step % every_n_steps == 0:
+                reporter.preview(cheap_preview(denoised))
+
+        return on_denoised
+
+    def _needs_load(self, checkpoint: str | None) -> bool:
+        """A guess for the status line only (ensure decides): is a different model about to be loaded?"""
+        current: LoadedModel | None = self.manager.current
+        if current is None:
+            return True
+        if checkpoint is None:
+            return False
+        known_names = {
+            current.info.name,
+            current.info.name.removesuffix(CHECKPOINT_SUFFIX),
+            current.info.stem,
+            current.info.path.name,
+            current.short_hash,
+        }
+        return checkpoint.strip() not in known_names

@@ -1,0 +1,107 @@
+"""The whole page: top bar, the four tabs, remembered controls, keyboard shortcut and styles.
+Must not import torch or the engine; the composition root passes everything in through UiContext."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from webui.ui.context import UiContext
+from webui.ui.gallery_tab import build_gallery_tab, wire_gallery
+from webui.ui.pnginfo_tab import build_pnginfo_tab, wire_pnginfo
+from webui.ui.settings_tab import build_settings_tab, wire_settings
+from webui.ui.txt2img import (
+    REMEMBERED_CONTROLS,
+    build_top_bar,
+    build_txt2img_tab,
+    loaded_status,
+    remembered_components,
+    wire_txt2img,
+)
+
+TITLE = "Stable Diffusion"
+BROWSER_STATE_KEY = "webui-txt2img-controls"
+
+CSS = """
+.webui-progress { position: relative; height: 1.8em; border-radius: 6px; overflow: hidden;
+                  background: var(--block-background-fill); border: 1px solid var(--border-color-primary); }
+.webui-progress-bar { position: absolute; inset: 0 auto 0 0; background: var(--color-accent-soft); }
+.webui-progress.failed { border-color: var(--error-border-color, #e11); }
+.webui-progress-text { position: relative; padding: 0 0.6em; line-height: 1.8em; }
+#txt2img_token_counter, #txt2img_neg_token_counter { text-align: right; font-size: 0.85em; opacity: 0.8; }
+"""
+
+# Ctrl/Cmd+Enter in a prompt box generates, as in A1111.
+HEAD = """
+<script>
+document.addEventListener("keydown", (event) => {
+  if (event.key !== "Enter" || !(event.ctrlKey || event.metaKey)) return;
+  const box = event.target.closest && event.target.closest("#txt2img_prompt, #txt2img_neg_prompt");
+  if (!box) return;
+  event.preventDefault();
+  const button = document.querySelector("#txt2img_generate");
+  if (button) button.click();
+});
+</script>
+"""
+
+
+def theme_head(theme: str | None) -> str:
+    """A1111's --theme: gradio picks light/dark from the __theme URL parameter."""
+    if theme not in ("light", "dark"):
+        return ""
+    return (
+        "<script>(() => { const url = new URL(window.location);"
+        f" if (url.searchParams.get('__theme') !== '{theme}') {{ url.searchParams.set('__theme', '{theme}');"
+        " window.location.replace(url); } })();</script>"
+    )
+
+
+def build_ui(ctx: UiContext) -> gr.Blocks:
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        top = build_top_bar(ctx)
+        with gr.Tabs(elem_id="tabs") as tabs:
+            with gr.Tab("txt2img", id="txt2img", elem_id="tab_txt2img"):
+                txt2img = build_txt2img_tab(ctx)
+            with gr.Tab("Gallery", id="gallery", elem_id="tab_gallery") as gallery_item:
+                gallery = build_gallery_tab()
+            with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
+                pnginfo = build_pnginfo_tab()
+            with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
+                settings = build_settings_tab(ctx)
+        wire_txt2img(ctx, top, txt2img)
+        wire_gallery(ctx, gallery, top, txt2img, tabs, gallery_item)
+        wire_pnginfo(ctx, pnginfo, top, txt2img, tabs)
+        wire_settings(ctx, settings)
+        remember_controls(ctx, demo, remembered_components(top, txt2img))
+        demo.load(lambda: loaded_status(ctx), outputs=top.status, api_name=False)
+    return demo
+
+
+def remember_controls(ctx: UiContext, demo: gr.Blocks, components: list[Any]) -> None:
+    """Keep the txt2img controls in the browser's storage: restored on load, saved on every change."""
+    state = gr.BrowserState(None, storage_key=BROWSER_STATE_KEY, secret=ctx.browser_state_secret)
+
+    def restore(saved: dict[str, Any] | None) -> list[Any]:
+        defaults = dict(ctx.settings.current.ui_defaults)
+        checkpoints = ctx.list_checkpoints()
+        values: list[Any] = []
+        for name in REMEMBERED_CONTROLS:
+            if saved and name in saved and saved[name] is not None:
+                value = saved[name]
+                if name == "checkpoint" and value not in checkpoints:
+                    value = gr.update()
+                values.append(value)
+            elif name in defaults:
+                values.append(defaults[name])
+            else:
+                values.append(gr.update())
+        return values
+
+    def save(*values: Any) -> dict[str, Any]:
+        return dict(zip(REMEMBERED_CONTROLS, values, strict=True))
+
+    demo.load(restore, inputs=state, outputs=components, api_name=False)
+    gr.on([component.change for component in components], save, inputs=components, outputs=state,
+          trigger_mode="always_last", show_progress="hidden", api_name=False)

@@ -1,0 +1,91 @@
+"""The Settings tab: output folder and format, file name pattern, live preview frequency, UI defaults.
+Must not import torch or the engine; values are validated and stored by webui.app's settings store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from webui.core import samplers
+from webui.core.params import OUTPUT_FORMATS, ParamError
+from webui.ui.context import UiContext
+
+
+@dataclass
+class SettingsTab:
+    outdir: gr.Textbox
+    samples_format: gr.Dropdown
+    filename_pattern: gr.Textbox
+    preview_every: gr.Slider
+    default_steps: gr.Slider
+    default_cfg_scale: gr.Slider
+    default_sampler: gr.Dropdown
+    default_scheduler: gr.Dropdown
+    default_width: gr.Slider
+    default_height: gr.Slider
+    default_negative_prompt: gr.Textbox
+    apply: gr.Button
+    result: gr.Markdown
+
+
+def build_settings_tab(ctx: UiContext) -> SettingsTab:
+    current = ctx.settings.current
+    defaults = current.ui_defaults
+    gr.Markdown("### Saving images")
+    outdir = gr.Textbox(label="Output folder (empty: outputs/ in the data folder)", value=current.outdir,
+                        elem_id="settings_outdir")
+    samples_format = gr.Dropdown(choices=list(OUTPUT_FORMATS), value=current.samples_format,
+                                 label="File format for images", elem_id="settings_format")
+    filename_pattern = gr.Textbox(label="File name pattern ([seed], [steps], [cfg], [sampler], [model_name], "
+                                  "[prompt_words], [date], [datetime] …)", value=current.filename_pattern,
+                                  elem_id="settings_filename_pattern")
+    gr.Markdown("### Live previews")
+    preview_every = gr.Slider(0, 150, step=1, value=current.preview_every_n_steps,
+                              label="Show a live preview every N sampling steps (0: off)",
+                              elem_id="settings_preview_every")
+    gr.Markdown("### txt2img defaults (used when a browser has no saved state)")
+    with gr.Row():
+        default_steps = gr.Slider(1, 150, step=1, value=defaults.get("steps", 20), label="Sampling steps",
+                                  elem_id="settings_default_steps")
+        default_cfg_scale = gr.Slider(1.0, 30.0, step=0.5, value=defaults.get("cfg_scale", 7.0), label="CFG Scale",
+                                      elem_id="settings_default_cfg_scale")
+    with gr.Row():
+        default_sampler = gr.Dropdown(choices=list(samplers.SAMPLERS), value=defaults.get("sampler"),
+                                      label="Sampling method", elem_id="settings_default_sampler")
+        default_scheduler = gr.Dropdown(choices=list(samplers.SCHEDULES), value=defaults.get("scheduler"),
+                                        label="Schedule type", elem_id="settings_default_scheduler")
+    with gr.Row():
+        default_width = gr.Slider(64, 2048, step=8, value=defaults.get("width", 512), label="Width",
+                                  elem_id="settings_default_width")
+        default_height = gr.Slider(64, 2048, step=8, value=defaults.get("height", 512), label="Height",
+                                   elem_id="settings_default_height")
+    default_negative_prompt = gr.Textbox(label="Negative prompt", value=str(defaults.get("negative_prompt", "")),
+                                         elem_id="settings_default_negative_prompt")
+    apply = gr.Button("Apply settings", variant="primary", elem_id="settings_apply")
+    result = gr.Markdown(elem_id="settings_result")
+    return SettingsTab(outdir, samples_format, filename_pattern, preview_every, default_steps, default_cfg_scale,
+                       default_sampler, default_scheduler, default_width, default_height, default_negative_prompt,
+                       apply, result)
+
+
+def wire_settings(ctx: UiContext, tab: SettingsTab) -> None:
+    def apply(outdir: str, samples_format: str, pattern: str, preview_every: float, steps: float, cfg: float,
+              sampler: str, scheduler: str, width: float, height: float, negative: str) -> str:
+        ui_defaults: dict[str, Any] = {
+            **ctx.settings.current.ui_defaults, "steps": int(steps), "cfg_scale": float(cfg), "sampler": sampler,
+            "scheduler": scheduler, "width": int(width), "height": int(height), "negative_prompt": negative,
+        }
+        changes = {"outdir": outdir.strip(), "samples_format": samples_format, "filename_pattern": pattern,
+                   "preview_every_n_steps": int(preview_every), "ui_defaults": ui_defaults}
+        try:
+            _, notes = ctx.settings.update(changes)
+        except ParamError as error:
+            return f"**Not saved.** {error}"
+        return "  \n".join(notes)
+
+    tab.apply.click(apply, inputs=[tab.outdir, tab.samples_format, tab.filename_pattern, tab.preview_every,
+                                   tab.default_steps, tab.default_cfg_scale, tab.default_sampler,
+                                   tab.default_scheduler, tab.default_width, tab.default_height,
+                                   tab.default_negative_prompt], outputs=tab.result, api_name=False)
