@@ -140,6 +140,7 @@ class DeferredEngine:
             INFOTEXT_VERSION,
             on_saved=self._on_saved,
             image_format=lambda: self._settings.current.samples_format,
+            filename_pattern=lambda: self._settings.current.filename_pattern,
         )
 
     def __call__(self, request: JobRequest, reporter: JobReporter, control: JobControl) -> None:

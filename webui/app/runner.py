@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from webui.app.outputs import Outputs, SavedImage
+from webui.app.outputs import DEFAULT_FILENAME_PATTERN, Outputs, SavedImage, filename_fields_for
 from webui.app.queue import JobReporter, JobRequest, LoadCheckpointRequest, Txt2ImgRequest
 from webui.core.events import JobControl, Progress
 from webui.core.params import GenerationParams, resolve_seed
@@ -32,6 +32,7 @@ class EngineRunner:
         version: str,
         on_saved: Callable[[SavedImage], None] | None = None,
         image_format: Callable[[], str] | None = None,
+        filename_pattern: Callable[[], str] | None = None,
     ) -> None:
         self.manager = manager
         self.outputs = outputs
@@ -39,6 +40,7 @@ class EngineRunner:
         self.version = version
         self.on_saved = on_saved
         self.image_format = image_format
+        self.filename_pattern = filename_pattern
 
     def __call__(self, request: JobRequest, reporter: JobReporter, control: JobControl) -> None:
         if isinstance(request, LoadCheckpointRequest):
@@ -71,13 +73,18 @@ class EngineRunner:
         model = self.manager.ensure(params.checkpoint)
         outputs = self.outputs()
         image_format = self.image_format() if self.image_format is not None else params.output_format
+        pattern = self.filename_pattern() if self.filename_pattern is not None else DEFAULT_FILENAME_PATTERN
         on_denoised = self._preview_callback(reporter, self.preview_every_n_steps())
         # The queue resolves -1 at submit; resolving again only matters when the runner is called directly.
         first_seed = resolve_seed(params.seed)
         for batch in generate(model, params, first_seed, self.version, control, reporter.progress, on_denoised):
             # Saved as each batch decodes, so a later failure or interrupt keeps what was already made.
             for generated in batch:
-                saved = outputs.save(generated.image, generated.infotext, generated.seed, image_format)
+                fields = filename_fields_for(params, generated.seed, model.info.stem, model.short_hash)
+                saved = outputs.save(
+                    generated.image, generated.infotext, generated.seed, image_format,
+                    filename_fields=fields, pattern=pattern,
+                )
                 reporter.image(saved)
                 if self.on_saved is not None:
                     self.on_saved(saved)
