@@ -18,6 +18,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "webui.core": ("webui.engine", "webui.app", "webui.ui", "webui.api", "webui.main", "webui.cli"),
     "webui.engine": ("gradio", "fastapi", "webui.app", "webui.ui", "webui.api", "webui.main", "webui.cli"),
     "webui.app": ("gradio", "fastapi", "webui.ui", "webui.api", "webui.main", "webui.cli"),
+    "webui.ui": ("torch", "diffusers", "transformers", "webui.engine", "webui.api", "webui.main", "webui.cli"),
 }
 
 
