@@ -68,7 +68,7 @@ def build_gallery_tab() -> GalleryTab:
             with gr.Row():
                 send_to_txt2img = gr.Button("Send to txt2img", elem_id="gallery_send_to_txt2img")
                 switch_checkpoint = gr.Button("Switch checkpoint", elem_id="gallery_switch_ckpt", visible=False)
-            delete = gr.Button("🗑️ Delete", elem_id="gallery_delete", variant="stop")
+            delete = gr.Button("Delete", elem_id="gallery_delete", variant="stop")
             with gr.Row(visible=False) as confirm_row:
                 delete_confirm = gr.Button("Really delete", elem_id="gallery_delete_confirm", variant="stop")
                 delete_cancel = gr.Button("Cancel", elem_id="gallery_delete_cancel")

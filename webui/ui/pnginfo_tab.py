@@ -18,6 +18,7 @@ from webui.ui.txt2img import TopBar, Txt2ImgTab, paste_updates, pasteable_contro
 @dataclass
 class PngInfoTab:
     image: gr.File
+    preview: gr.Image
     infotext: gr.Textbox
     send_to_txt2img: gr.Button
 
@@ -27,22 +28,24 @@ def build_pnginfo_tab() -> PngInfoTab:
         with gr.Column():
             # A file (not gr.Image) so the original bytes, metadata included, reach the server unchanged.
             image = gr.File(label="Image", file_types=["image"], type="filepath", elem_id="pnginfo_image")
+            preview = gr.Image(label="Preview", type="filepath", interactive=False, elem_id="pnginfo_preview",
+                               height=320)
         with gr.Column():
             infotext = gr.Textbox(label="Parameters", lines=10, interactive=False, elem_id="pnginfo_infotext")
             send_to_txt2img = gr.Button("Send to txt2img", elem_id="pnginfo_send_to_txt2img")
-    return PngInfoTab(image, infotext, send_to_txt2img)
+    return PngInfoTab(image, preview, infotext, send_to_txt2img)
 
 
 def wire_pnginfo(ctx: UiContext, tab: PngInfoTab, top: TopBar, txt2img: Txt2ImgTab, tabs: gr.Tabs) -> None:
-    def read(path: str | None) -> str:
+    def read(path: str | None) -> tuple[str, str | None]:
         if not path:
-            return ""
+            return "", None
         try:
-            return read_infotext(Path(path)) or "No generation parameters found in this image."
+            return read_infotext(Path(path)) or "No generation parameters found in this image.", path
         except OSError as error:
-            return f"Cannot read this file as an image: {error}"
+            return f"Cannot read this file as an image: {error}", None
 
-    tab.image.change(read, inputs=tab.image, outputs=tab.infotext, api_name=False)
+    tab.image.change(read, inputs=tab.image, outputs=[tab.infotext, tab.preview], api_name=False)
     controls = pasteable_controls(top, txt2img)
 
     def send(infotext: str) -> dict[Any, Any]:
