@@ -90,7 +90,7 @@ def time_import_gradio(python: str, root: Path, run: int) -> float:
 
 
 def row(label: str, samples: list[float]) -> str:
-    return (f"{label:<44} {len(samples):>4} {statistics.median(samples):>9.2f} {min(samples):>8.2f} "
+    return (f"{label:<48} {len(samples):>4} {statistics.median(samples):>9.2f} {min(samples):>8.2f} "
             f"{max(samples):>8.2f}")
 
 
@@ -120,7 +120,7 @@ def main(argv: list[str]) -> int:
         results.append(("baseline: `import gradio` (fresh interpreter)", samples["import"]))
         for name in chosen:
             results.append((f"{starters[name][0]} → GET / 200", samples[name]))
-    print(f"{'what (seconds, no model loaded)':<44} {'runs':>4} {'median':>9} {'min':>8} {'max':>8}")
+    print(f"{'what (seconds, no model loaded)':<48} {'runs':>4} {'median':>9} {'min':>8} {'max':>8}")
     for label, values in results:
         print(row(label, values))
     baseline = statistics.median(samples["import"])

@@ -8,6 +8,7 @@ import socketserver
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 # The most bytes of a request head we read; a proxy request line plus headers is far smaller.
 _MAX_HEAD_BYTES = 16384
@@ -32,6 +33,14 @@ class Attempt:
     def target(self) -> str:
         parts = self.request_line.split()
         return parts[1] if len(parts) > 1 else self.request_line
+
+    @property
+    def host(self) -> str:
+        """The host asked for: from `host:port` (CONNECT) or from an absolute URL (plain HTTP through a proxy)."""
+        target = self.target
+        if "://" in target:
+            return urlsplit(target).hostname or ""
+        return target.rsplit(":", 1)[0].strip("[]")
 
 
 class _Handler(socketserver.BaseRequestHandler):

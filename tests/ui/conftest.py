@@ -14,11 +14,12 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
-from tests.ui.blackhole import Attempt, BlackHole
+from tests.ui.blackhole import BlackHole
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -68,16 +69,6 @@ def is_loopback_url(url: str) -> bool:
     if parts.scheme in ("data", "blob", "about", "chrome", "chrome-extension", "devtools"):
         return True
     return (parts.hostname or "") in LOOPBACK_HOSTS
-
-
-def leaving_attempts(attempts: list[Attempt]) -> list[Attempt]:
-    """Attempts whose target is not loopback (a loopback request that reached the proxy never left the machine)."""
-    leaving = []
-    for attempt in attempts:
-        host = attempt.target.rsplit(":", 1)[0] if "://" not in attempt.target else urlsplit(attempt.target).hostname
-        if (host or "") not in LOOPBACK_HOSTS:
-            leaving.append(attempt)
-    return leaving
 
 
 def isolated_env(root: Path, proxy_url: str) -> dict[str, str]:
@@ -298,7 +289,7 @@ def webui(start_webui: Callable[..., WebuiServer], tiny_model_dir: Path) -> Webu
 
 
 @pytest.fixture(scope="session")
-def browser(ui_tmp: Path, browser_blackhole: BlackHole) -> Iterator[object]:
+def browser(ui_tmp: Path, browser_blackhole: BlackHole) -> Iterator[Any]:
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: install it with `apt-get install -y chromium` (tools/run_tests.py does)",
                     pytrace=False)
@@ -319,20 +310,20 @@ def browser(ui_tmp: Path, browser_blackhole: BlackHole) -> Iterator[object]:
 
 
 @pytest.fixture
-def new_context(browser: object, page_leaks: list[str], request: pytest.FixtureRequest) -> Iterator[Callable[[], object]]:
+def new_context(browser: Any, page_leaks: list[str], request: pytest.FixtureRequest) -> Iterator[Callable[[], Any]]:
     """Factory for fresh browser contexts (own localStorage and cookies); off-loopback requests are aborted and recorded."""
-    contexts: list[object] = []
+    contexts: list[Any] = []
 
-    def guard(route: object) -> None:
-        url = route.request.url  # type: ignore[attr-defined]
+    def guard(route: Any) -> None:
+        url = route.request.url
         if is_loopback_url(url):
-            route.continue_()  # type: ignore[attr-defined]
+            route.continue_()
         else:
             page_leaks.append(url)
-            route.abort()  # type: ignore[attr-defined]
+            route.abort()
 
-    def make() -> object:
-        context = browser.new_context(viewport=VIEWPORT)  # type: ignore[attr-defined]
+    def make() -> Any:
+        context = browser.new_context(viewport=VIEWPORT)
         context.set_default_timeout(DEFAULT_TIMEOUT_MS)
         context.route("**/*", guard)
         contexts.append(context)
@@ -342,7 +333,7 @@ def new_context(browser: object, page_leaks: list[str], request: pytest.FixtureR
     failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
     for number, context in enumerate(contexts):
         if failed:
-            for index, page in enumerate(context.pages):  # type: ignore[attr-defined]
+            for index, page in enumerate(context.pages):
                 shot = Path(request.config.rootpath) / ".pytest_cache" / "ui-failures" / (
                     f"{request.node.name}-{number}-{index}.png")
                 shot.parent.mkdir(parents=True, exist_ok=True)
@@ -351,7 +342,7 @@ def new_context(browser: object, page_leaks: list[str], request: pytest.FixtureR
                     print(f"\nscreenshot of the failed page: {shot}", file=sys.stderr)
                 except Exception as error:  # noqa: BLE001 - best effort diagnostics only
                     print(f"\n(no screenshot: {error})", file=sys.stderr)
-        context.close()  # type: ignore[attr-defined]
+        context.close()
 
 
 @pytest.hookimpl(wrapper=True)

@@ -10,7 +10,7 @@ import gradio as gr
 from webui.ui.context import UiContext
 from webui.ui.gallery_tab import build_gallery_tab, wire_gallery
 from webui.ui.pnginfo_tab import build_pnginfo_tab, wire_pnginfo
-from webui.ui.settings_tab import build_settings_tab, wire_settings
+from webui.ui.settings_tab import build_settings_tab, settings_components, settings_values, wire_settings
 from webui.ui.txt2img import (
     REMEMBERED_CONTROLS,
     build_top_bar,
@@ -21,6 +21,7 @@ from webui.ui.txt2img import (
 )
 
 TITLE = "Stable Diffusion"
+STATUS_REFRESH_SECONDS = 3.0
 BROWSER_STATE_KEY = "webui-txt2img-controls"
 
 CSS = """
@@ -76,6 +77,10 @@ def build_ui(ctx: UiContext) -> gr.Blocks:
         wire_settings(ctx, settings)
         remember_controls(ctx, demo, remembered_components(top, txt2img))
         demo.load(lambda: loaded_status(ctx), outputs=top.status, api_name=False)
+        demo.load(settings_values(ctx), outputs=settings_components(settings), api_name=False)
+        # Another browser may swap the checkpoint, and start-up loads one in the background.
+        gr.Timer(STATUS_REFRESH_SECONDS).tick(lambda: loaded_status(ctx), outputs=top.status,
+                                               show_progress="hidden", api_name=False, queue=False)
     return demo
 
 
@@ -84,19 +89,16 @@ def remember_controls(ctx: UiContext, demo: gr.Blocks, components: list[Any]) ->
     state = gr.BrowserState(None, storage_key=BROWSER_STATE_KEY, secret=ctx.browser_state_secret)
 
     def restore(saved: dict[str, Any] | None) -> list[Any]:
-        defaults = dict(ctx.settings.current.ui_defaults)
+        # Without saved state the page already shows the current defaults: change nothing, so a
+        # user who starts typing at once is not overwritten.
         checkpoints = ctx.list_checkpoints()
         values: list[Any] = []
         for name in REMEMBERED_CONTROLS:
-            if saved and name in saved and saved[name] is not None:
-                value = saved[name]
-                if name == "checkpoint" and value not in checkpoints:
-                    value = gr.update()
-                values.append(value)
-            elif name in defaults:
-                values.append(defaults[name])
-            else:
+            value = saved.get(name) if saved else None
+            if value is None or (name == "checkpoint" and value not in checkpoints):
                 values.append(gr.update())
+            else:
+                values.append(value)
         return values
 
     def save(*values: Any) -> dict[str, Any]:

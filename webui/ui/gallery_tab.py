@@ -61,7 +61,8 @@ def build_gallery_tab() -> GalleryTab:
     with gr.Row():
         with gr.Column(scale=3):
             gallery = gr.Gallery(label="Outputs", elem_id="gallery_gallery", columns=6, height=520,
-                                 object_fit="contain", interactive=False, allow_preview=False)
+                                 object_fit="contain", interactive=False, allow_preview=False,
+                                 preview=False)
         with gr.Column(scale=2):
             infotext = gr.Textbox(label="Generation parameters", lines=8, interactive=False,
                                   elem_id="gallery_infotext")
@@ -85,7 +86,8 @@ def wire_gallery(
             page, PAGE_SIZE, search or "", None if day in (ALL, None) else day, None if model in (ALL, None) else model
         )
         paths = [str(entry.path) for entry in result.entries]
-        info = f"Page {result.page + 1} of {max(result.page_count, 1)} · {result.total} images"
+        noun = "image" if result.total == 1 else "images"
+        info = f"Page {result.page + 1} of {max(result.page_count, 1)} · {result.total} {noun}"
         return (result.page, paths, paths, info, gr.update(choices=[ALL, *ctx.gallery.days()]),
                 gr.update(choices=[ALL, *ctx.gallery.models()]), "", None, gr.update(visible=False),
                 gr.update(visible=False))

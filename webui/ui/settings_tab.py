@@ -3,6 +3,7 @@ Must not import torch or the engine; values are validated and stored by webui.ap
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +71,25 @@ def build_settings_tab(ctx: UiContext) -> SettingsTab:
                        apply, result)
 
 
+def settings_components(tab: SettingsTab) -> list[gr.components.Component]:
+    return [tab.outdir, tab.samples_format, tab.filename_pattern, tab.preview_every, tab.default_steps,
+            tab.default_cfg_scale, tab.default_sampler, tab.default_scheduler, tab.default_width,
+            tab.default_height, tab.default_negative_prompt]
+
+
+def settings_values(ctx: UiContext) -> Callable[[], list[Any]]:
+    """The stored settings in settings_components() order, read at each page load (not at build time)."""
+
+    def values() -> list[Any]:
+        current = ctx.settings.current
+        defaults = current.ui_defaults
+        return [current.outdir, current.samples_format, current.filename_pattern, current.preview_every_n_steps,
+                defaults.get("steps"), defaults.get("cfg_scale"), defaults.get("sampler"), defaults.get("scheduler"),
+                defaults.get("width"), defaults.get("height"), defaults.get("negative_prompt", "")]
+
+    return values
+
+
 def wire_settings(ctx: UiContext, tab: SettingsTab) -> None:
     def apply(outdir: str, samples_format: str, pattern: str, preview_every: float, steps: float, cfg: float,
               sampler: str, scheduler: str, width: float, height: float, negative: str) -> str:
@@ -85,7 +105,4 @@ def wire_settings(ctx: UiContext, tab: SettingsTab) -> None:
             return f"**Not saved.** {error}"
         return "  \n".join(notes)
 
-    tab.apply.click(apply, inputs=[tab.outdir, tab.samples_format, tab.filename_pattern, tab.preview_every,
-                                   tab.default_steps, tab.default_cfg_scale, tab.default_sampler,
-                                   tab.default_scheduler, tab.default_width, tab.default_height,
-                                   tab.default_negative_prompt], outputs=tab.result, api_name=False)
+    tab.apply.click(apply, inputs=settings_components(tab), outputs=tab.result, api_name=False)

@@ -123,11 +123,19 @@ def progress_html(fraction: float, text: str, failed: bool = False) -> str:
     )
 
 
+def current_default(ctx: UiContext, name: str, fallback: Any) -> Callable[[], Any]:
+    """A value gradio evaluates on every page load, so changed UI defaults apply on reload."""
+
+    def value() -> Any:
+        return ctx.settings.current.ui_defaults.get(name, fallback)
+
+    return value
+
+
 def build_top_bar(ctx: UiContext) -> TopBar:
     choices = ctx.list_checkpoints()
     saved = ctx.settings.current.sd_model_checkpoint
     initial = saved if saved in choices else (choices[0] if choices else None)
-    defaults = ctx.settings.current.ui_defaults
     with gr.Row(elem_id="quicksettings", equal_height=True):
         checkpoint = gr.Dropdown(
             choices=choices, value=initial, label="Stable Diffusion checkpoint", elem_id="ckpt_dropdown",
@@ -136,7 +144,7 @@ def build_top_bar(ctx: UiContext) -> TopBar:
         refresh = gr.Button("↻", elem_id="ckpt_refresh", scale=0, min_width=48)
         vae = gr.Dropdown(choices=VAE_CHOICES, value=VAE_CHOICES[0], label="SD VAE", elem_id="vae_dropdown", scale=2)
         clip_skip = gr.Slider(
-            minimum=1, maximum=12, step=1, value=int(defaults.get("clip_skip", 1)),
+            minimum=1, maximum=12, step=1, value=current_default(ctx, "clip_skip", 1),
             label="Clip skip", elem_id="clip_skip", scale=2,
         )
     status = gr.Markdown(elem_id="ckpt_status")
@@ -144,7 +152,6 @@ def build_top_bar(ctx: UiContext) -> TopBar:
 
 
 def build_txt2img_tab(ctx: UiContext) -> Txt2ImgTab:
-    defaults = ctx.settings.current.ui_defaults
     limits = INT_LIMITS
     with gr.Row():
         with gr.Column(scale=6):
@@ -155,7 +162,7 @@ def build_txt2img_tab(ctx: UiContext) -> Txt2ImgTab:
             prompt_counter = gr.HTML("0/75", elem_id="txt2img_token_counter")
             negative_prompt = gr.Textbox(
                 label="Negative prompt", lines=2, elem_id="txt2img_neg_prompt",
-                value=str(defaults.get("negative_prompt", "")),
+                value=current_default(ctx, "negative_prompt", ""),
             )
             negative_counter = gr.HTML("0/75", elem_id="txt2img_neg_token_counter")
         with gr.Column(scale=1, min_width=160):
@@ -167,30 +174,30 @@ def build_txt2img_tab(ctx: UiContext) -> Txt2ImgTab:
         with gr.Column(scale=1):
             with gr.Row():
                 sampler = gr.Dropdown(
-                    choices=list(samplers.SAMPLERS), value=str(defaults.get("sampler", samplers.DEFAULT_SAMPLER)),
+                    choices=list(samplers.SAMPLERS), value=current_default(ctx, "sampler", samplers.DEFAULT_SAMPLER),
                     label="Sampling method", elem_id="txt2img_sampling",
                 )
                 scheduler = gr.Dropdown(
-                    choices=list(samplers.SCHEDULES), value=str(defaults.get("scheduler", samplers.DEFAULT_SCHEDULE)),
+                    choices=list(samplers.SCHEDULES), value=current_default(ctx, "scheduler", samplers.DEFAULT_SCHEDULE),
                     label="Schedule type", elem_id="txt2img_scheduler",
                 )
-            steps = gr.Slider(limits["steps"].low, limits["steps"].high, step=1, value=defaults.get("steps", 20),
+            steps = gr.Slider(limits["steps"].low, limits["steps"].high, step=1, value=current_default(ctx, "steps", 20),
                               label="Sampling steps", elem_id="txt2img_steps")
             with gr.Row(equal_height=True):
                 with gr.Column(scale=4):
                     width = gr.Slider(limits["width"].low, limits["width"].high, step=8,
-                                      value=defaults.get("width", 512), label="Width", elem_id="txt2img_width")
+                                      value=current_default(ctx, "width", 512), label="Width", elem_id="txt2img_width")
                     height = gr.Slider(limits["height"].low, limits["height"].high, step=8,
-                                       value=defaults.get("height", 512), label="Height", elem_id="txt2img_height")
+                                       value=current_default(ctx, "height", 512), label="Height", elem_id="txt2img_height")
                 swap_size = gr.Button("⇅", elem_id="txt2img_swap_size", scale=0, min_width=48)
                 with gr.Column(scale=2):
                     batch_count = gr.Slider(limits["batch_count"].low, limits["batch_count"].high, step=1,
-                                            value=defaults.get("batch_count", 1), label="Batch count",
+                                            value=current_default(ctx, "batch_count", 1), label="Batch count",
                                             elem_id="txt2img_batch_count")
                     batch_size = gr.Slider(limits["batch_size"].low, limits["batch_size"].high, step=1,
-                                           value=defaults.get("batch_size", 1), label="Batch size",
+                                           value=current_default(ctx, "batch_size", 1), label="Batch size",
                                            elem_id="txt2img_batch_size")
-            cfg_scale = gr.Slider(1.0, 30.0, step=0.5, value=defaults.get("cfg_scale", 7.0), label="CFG Scale",
+            cfg_scale = gr.Slider(1.0, 30.0, step=0.5, value=current_default(ctx, "cfg_scale", 7.0), label="CFG Scale",
                                   elem_id="txt2img_cfg_scale")
             with gr.Row(equal_height=True):
                 seed = gr.Number(value=-1, precision=0, label="Seed", elem_id="txt2img_seed", scale=4)
@@ -282,7 +289,7 @@ def wire_txt2img(ctx: UiContext, top: TopBar, tab: Txt2ImgTab) -> None:
     tab.generate.click(
         generate, inputs=generation_inputs, outputs=result_outputs, show_progress="hidden",
         concurrency_limit=None, api_name=False,
-    )
+    ).then(lambda: loaded_status(ctx), outputs=top.status, show_progress="hidden", api_name=False)
 
     def interrupt(job_id: str | None) -> None:
         if job_id:
@@ -339,7 +346,9 @@ def wire_txt2img(ctx: UiContext, top: TopBar, tab: Txt2ImgTab) -> None:
 def loaded_status(ctx: UiContext) -> str:
     loaded = ctx.loaded_checkpoint()
     if loaded is not None:
-        return f"Loaded {loaded[0]} [{loaded[1]}]"
+        name, short_hash = loaded
+        stem = name.rsplit("/", 1)[-1].removesuffix(".safetensors")
+        return f"Loaded {stem} [{short_hash}]"
     if not ctx.list_checkpoints():
         return f"No checkpoint found: {ctx.where_to_put_checkpoints}, then press ↻."
     return "No model loaded yet: the selected checkpoint loads with the first generation."
