@@ -395,7 +395,10 @@ def test_checkpoint_swap_from_the_dropdown(page: Page) -> None:
 def test_prompt_and_controls_survive_a_page_refresh(page: Page) -> None:
     fill_text(page, "txt2img_prompt", "a lighthouse keeper's cat")
     fill_text(page, "txt2img_neg_prompt", "text, watermark")
-    set_number(page, "txt2img_steps", 13)
+    # Every change is written to the browser's storage by a queued event; wait for the last one to land.
+    with page.expect_request(_is_queue_join):
+        set_number(page, "txt2img_steps", 13)
+    _wait_until_settled(page)
     wait_for_text(page, "txt2img_token_counter", r"^\s*\d+/75\s*$|\b\d+/75\b")
 
     reload_ui(page)

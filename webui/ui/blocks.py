@@ -89,16 +89,16 @@ def remember_controls(ctx: UiContext, demo: gr.Blocks, components: list[Any]) ->
     state = gr.BrowserState(None, storage_key=BROWSER_STATE_KEY, secret=ctx.browser_state_secret)
 
     def restore(saved: dict[str, Any] | None) -> list[Any]:
-        # Without saved state the page already shows the current defaults: change nothing, so a
-        # user who starts typing at once is not overwritten.
+        # What this browser kept, else the current UI defaults from Settings (which may have changed
+        # since the page was built), else leave the control alone.
+        defaults = ctx.settings.current.ui_defaults
         checkpoints = ctx.list_checkpoints()
         values: list[Any] = []
         for name in REMEMBERED_CONTROLS:
             value = saved.get(name) if saved else None
             if value is None or (name == "checkpoint" and value not in checkpoints):
-                values.append(gr.update())
-            else:
-                values.append(value)
+                value = defaults.get(name)
+            values.append(gr.update() if value is None else value)
         return values
 
     def save(*values: Any) -> dict[str, Any]:

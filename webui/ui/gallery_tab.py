@@ -13,14 +13,7 @@ from webui.app.gallery import GalleryPage
 from webui.core.params import ParamError
 from webui.ui.context import UiContext
 from webui.ui.paste import checkpoint_choice, values_from_infotext
-from webui.ui.txt2img import (
-    TopBar,
-    Txt2ImgTab,
-    paste_updates,
-    pasteable_controls,
-    progress_html,
-    request_checkpoint_swap,
-)
+from webui.ui.txt2img import TopBar, Txt2ImgTab, request_checkpoint_swap, wire_send_to_txt2img
 
 PAGE_SIZE = 24
 ALL = "All"
@@ -130,19 +123,8 @@ def wire_gallery(
     tab.gallery.select(select, inputs=[tab.paths, top.checkpoint],
                        outputs=[tab.infotext, tab.selected, tab.switch_checkpoint], api_name=False)
 
-    controls = pasteable_controls(top, txt2img)
-
-    def send(infotext: str) -> dict[Any, Any]:
-        if not infotext:
-            return {}
-        try:
-            updates = paste_updates(ctx, infotext, controls, checkpoint=None)
-        except ParamError as error:
-            return {txt2img.progress: progress_html(0.0, f"Error: {error}", failed=True)}
-        return {**updates, tabs: gr.Tabs(selected="txt2img")}
-
-    tab.send_to_txt2img.click(send, inputs=tab.infotext, outputs=[*controls.values(), txt2img.progress, tabs],
-                              api_name=False)
+    # The checkpoint is not pasted here: the Switch button offers it (A1111 asks before swapping).
+    wire_send_to_txt2img(ctx, tab.send_to_txt2img, tab.infotext, top, txt2img, tabs, set_checkpoint=False)
 
     def switch(infotext: str) -> Any:
         _, stem = values_from_infotext(infotext)

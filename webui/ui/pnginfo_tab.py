@@ -10,9 +10,8 @@ from typing import Any
 import gradio as gr
 
 from webui.app.outputs import read_infotext
-from webui.core.params import ParamError
 from webui.ui.context import UiContext
-from webui.ui.txt2img import TopBar, Txt2ImgTab, paste_updates, pasteable_controls, progress_html
+from webui.ui.txt2img import TopBar, Txt2ImgTab, wire_send_to_txt2img
 
 
 @dataclass
@@ -37,25 +36,17 @@ def build_pnginfo_tab() -> PngInfoTab:
 
 
 def wire_pnginfo(ctx: UiContext, tab: PngInfoTab, top: TopBar, txt2img: Txt2ImgTab, tabs: gr.Tabs) -> None:
-    def read(path: str | None) -> tuple[str, str | None]:
+    def read(path: str | None) -> tuple[Any, str | None]:
+        # Messages go in the placeholder, so "Send to txt2img" never pastes them as a prompt.
         if not path:
-            return "", None
+            return gr.update(value="", placeholder=""), None
         try:
-            return read_infotext(Path(path)) or "No generation parameters found in this image.", path
+            infotext = read_infotext(Path(path))
         except OSError as error:
-            return f"Cannot read this file as an image: {error}", None
+            return gr.update(value="", placeholder=f"Cannot read this file as an image: {error}"), None
+        if not infotext:
+            return gr.update(value="", placeholder="No generation parameters found in this image."), path
+        return gr.update(value=infotext, placeholder=""), path
 
     tab.image.change(read, inputs=tab.image, outputs=[tab.infotext, tab.preview], api_name=False)
-    controls = pasteable_controls(top, txt2img)
-
-    def send(infotext: str) -> dict[Any, Any]:
-        if not infotext or "\n" not in infotext and ":" not in infotext:
-            return {}
-        try:
-            updates = paste_updates(ctx, infotext, controls, top.checkpoint)
-        except ParamError as error:
-            return {txt2img.progress: progress_html(0.0, f"Error: {error}", failed=True)}
-        return {**updates, tabs: gr.Tabs(selected="txt2img")}
-
-    tab.send_to_txt2img.click(send, inputs=tab.infotext,
-                              outputs=[*controls.values(), top.checkpoint, txt2img.progress, tabs], api_name=False)
+    wire_send_to_txt2img(ctx, tab.send_to_txt2img, tab.infotext, top, txt2img, tabs, set_checkpoint=True)

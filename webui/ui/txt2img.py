@@ -123,13 +123,12 @@ def progress_html(fraction: float, text: str, failed: bool = False) -> str:
     )
 
 
-def current_default(ctx: UiContext, name: str, fallback: Any) -> Callable[[], Any]:
-    """A value gradio evaluates on every page load, so changed UI defaults apply on reload."""
+def current_default(ctx: UiContext, name: str, fallback: Any) -> Any:
+    """The stored UI default at build time; the page-load restore (blocks.py) applies later changes.
 
-    def value() -> Any:
-        return ctx.settings.current.ui_defaults.get(name, fallback)
-
-    return value
+    Not a callable value: gradio would evaluate it in a load event of its own that races the restore.
+    """
+    return ctx.settings.current.ui_defaults.get(name, fallback)
 
 
 def build_top_bar(ctx: UiContext) -> TopBar:
@@ -323,15 +322,7 @@ def wire_txt2img(ctx: UiContext, top: TopBar, tab: Txt2ImgTab) -> None:
     tab.swap_size.click(lambda w, h: (h, w), inputs=[tab.width, tab.height], outputs=[tab.width, tab.height],
                         api_name=False)
 
-    paste_outputs = [*controls.values(), top.checkpoint, tab.progress]
-
-    def send_to_txt2img(infotext: str) -> dict[Any, Any]:
-        try:
-            return paste_updates(ctx, infotext, controls, top.checkpoint)
-        except ParamError as error:
-            return {tab.progress: progress_html(0.0, f"Error: {error}", failed=True)}
-
-    tab.send_to_txt2img.click(send_to_txt2img, inputs=tab.infotext, outputs=paste_outputs, api_name=False)
+    wire_send_to_txt2img(ctx, tab.send_to_txt2img, tab.infotext, top, tab, tabs=None, set_checkpoint=True)
 
     def count(prompt: str, steps: float) -> str:
         return ctx.token_counter.label(prompt or "", int(steps or 1))
@@ -341,6 +332,30 @@ def wire_txt2img(ctx: UiContext, top: TopBar, tab: Txt2ImgTab) -> None:
               trigger_mode="always_last", show_progress="hidden", api_name=False, queue=False)
 
     wire_checkpoint(ctx, top)
+
+
+def wire_send_to_txt2img(
+    ctx: UiContext, button: gr.Button, infotext: gr.Textbox, top: TopBar, tab: Txt2ImgTab,
+    tabs: gr.Tabs | None, set_checkpoint: bool,
+) -> None:
+    """"Send to txt2img": fill the controls from an infotext, then show the txt2img tab (when given)."""
+    controls = pasteable_controls(top, tab)
+    outputs: list[Any] = [*controls.values(), top.checkpoint, tab.progress]
+    if tabs is not None:
+        outputs.append(tabs)
+
+    def send(text: str) -> dict[Any, Any]:
+        if not text:
+            return {}
+        try:
+            updates = paste_updates(ctx, text, controls, top.checkpoint if set_checkpoint else None)
+        except ParamError as error:
+            return {tab.progress: progress_html(0.0, f"Error: {error}", failed=True)}
+        if tabs is not None:
+            updates[tabs] = gr.Tabs(selected="txt2img")
+        return updates
+
+    button.click(send, inputs=infotext, outputs=outputs, api_name=False)
 
 
 def loaded_status(ctx: UiContext) -> str:
