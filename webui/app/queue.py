@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 TXT2IMG_KIND = "txt2img"
 LOAD_CHECKPOINT_KIND = "load_checkpoint"
+UNLOAD_CHECKPOINT_KIND = "unload_checkpoint"
 WORKER_THREAD_NAME = "generation-worker"
 
 
@@ -50,7 +51,12 @@ class LoadCheckpointRequest:
     checkpoint: str
 
 
-JobRequest = Txt2ImgRequest | LoadCheckpointRequest
+@dataclass(frozen=True, slots=True)
+class UnloadCheckpointRequest:
+    """Drop the loaded model and free its memory (A1111's unload-checkpoint); the next job loads again."""
+
+
+JobRequest = Txt2ImgRequest | LoadCheckpointRequest | UnloadCheckpointRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +219,8 @@ class GenerationQueue:
             if not isinstance(request.checkpoint, str) or not request.checkpoint.strip():
                 raise ParamError("checkpoint", "no checkpoint name given")
             kind = LOAD_CHECKPOINT_KIND
+        elif isinstance(request, UnloadCheckpointRequest):
+            kind = UNLOAD_CHECKPOINT_KIND
         else:
             raise TypeError(f"submit: unsupported request type {type(request).__name__}")
         job = _Job(job_id=uuid.uuid4().hex, request=request, kind=kind, owner=owner, first_seed=first_seed)
@@ -246,6 +254,11 @@ class GenerationQueue:
             job = self._job_locked(job_id)
             self._changed.wait_for(lambda: job.version > after_version or job.finished, timeout)
             return self._snapshot_locked(job)
+
+    def running_snapshot(self) -> JobSnapshot | None:
+        """The job the worker is running now, if any (A1111's /progress reports this one)."""
+        with self._lock:
+            return self._snapshot_locked(self._running) if self._running is not None else None
 
     def queued_count(self) -> int:
         """Jobs waiting to run (not counting the running one)."""

@@ -8,7 +8,13 @@ from collections.abc import Callable
 import torch
 
 from webui.app.outputs import DEFAULT_FILENAME_PATTERN, Outputs, SavedImage, filename_fields_for
-from webui.app.queue import JobReporter, JobRequest, LoadCheckpointRequest, Txt2ImgRequest
+from webui.app.queue import (
+    JobReporter,
+    JobRequest,
+    LoadCheckpointRequest,
+    Txt2ImgRequest,
+    UnloadCheckpointRequest,
+)
 from webui.core.events import JobControl, Progress
 from webui.core.params import GenerationParams, resolve_seed
 from webui.engine.generate import generate
@@ -47,6 +53,9 @@ class EngineRunner:
             self._load_checkpoint(request.checkpoint, reporter, control)
         elif isinstance(request, Txt2ImgRequest):
             self._txt2img(request.params, reporter, control)
+        elif isinstance(request, UnloadCheckpointRequest):
+            self.manager.unload()
+            reporter.message("Checkpoint unloaded")
         else:
             raise TypeError(f"runner: unsupported request type {type(request).__name__}")
 

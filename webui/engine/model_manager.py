@@ -200,3 +200,13 @@ class ModelManager:
         if current is not None:
             empty_cache(self.policy.device)
         return loaded
+
+    def unload(self) -> ModelInfo | None:
+        """Drop the loaded model and free its memory; returns what was loaded, so it can be reloaded."""
+        current, self.current = self.current, None
+        if current is None:
+            return None
+        info = current.info
+        del current  # the last reference: the modules are freed before the cache is emptied
+        empty_cache(self.policy.device)
+        return info
