@@ -39,7 +39,12 @@ def build_parser(default_data_dir: Path) -> argparse.ArgumentParser:
     _add_path_flags(parser, default_data_dir, on_subcommand=False)
     parser.add_argument("--listen", action="store_true",
                         help="serve on 0.0.0.0 so other machines can connect (default: 127.0.0.1 only)")
-    parser.add_argument("--port", type=int, default=7860, help="port to serve on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=None,
+                        help="port to serve on (default: 7860, or 7861 with --nowebui)")
+    parser.add_argument("--api", action="store_true", help="serve A1111's /sdapi/v1 and the /api/v1 job API beside the UI")
+    parser.add_argument("--nowebui", action="store_true", help="serve only the REST API, without the UI")
+    parser.add_argument("--api-auth", default=None, metavar="USER:PASS[,USER:PASS...]",
+                        help="protect the REST API with HTTP Basic authentication")
     parser.add_argument("--gradio-auth", default=None, metavar="USER:PASS[,USER:PASS...]",
                         help="protect the UI with a login")
     parser.add_argument("--gradio-auth-path", type=Path, default=None, metavar="FILE",

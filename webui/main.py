@@ -20,8 +20,12 @@ from webui.core.events import JobControl
 from webui.core.params import ParamError, resolve_seed
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from webui.api.context import ApiContext
+    from webui.app.gallery import GalleryIndex
     from webui.app.outputs import SavedImage
-    from webui.app.queue import JobReporter, JobRequest
+    from webui.app.queue import GenerationQueue, JobReporter, JobRequest
     from webui.app.runner import EngineRunner
     from webui.app.settings_store import SettingsStore
     from webui.engine.model_registry import ModelRegistry
@@ -72,23 +76,39 @@ def run_txt2img(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_credentials(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """--gradio-auth "u:p,u2:p2" and --gradio-auth-path FILE (same format, also one per line)."""
-    entries: list[str] = []
-    if args.gradio_auth:
-        entries.extend(args.gradio_auth.split(","))
-    if args.gradio_auth_path:
-        text = args.gradio_auth_path.read_text(encoding="utf-8")
-        entries.extend(part for line in text.splitlines() for part in line.split(","))
+def split_credentials(text: str, field: str) -> list[tuple[str, str]]:
+    """ "u:p,u2:p2" (commas or new lines) → [(user, password), ...]; ParamError naming the flag otherwise."""
     credentials: list[tuple[str, str]] = []
-    for entry in (entry.strip() for entry in entries):
+    for entry in (part.strip() for line in text.splitlines() for part in line.split(",")):
         if not entry:
             continue
         user, separator, password = entry.partition(":")
         if not separator or not user or not password:
-            raise ParamError("gradio_auth", f"expected USER:PASS, got {entry!r}")
+            raise ParamError(field, "expected USER:PASS entries separated by commas")
         credentials.append((user, password))
     return credentials
+
+
+def parse_credentials(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """--gradio-auth "u:p,u2:p2" and --gradio-auth-path FILE (same format, also one per line)."""
+    credentials = split_credentials(args.gradio_auth or "", "gradio_auth")
+    if args.gradio_auth_path:
+        credentials += split_credentials(args.gradio_auth_path.read_text(encoding="utf-8"), "gradio_auth_path")
+    return credentials
+
+
+SECRET_FLAGS = ("gradio_auth", "api_auth")
+
+
+def public_flags(args: argparse.Namespace) -> dict[str, object]:
+    """The parsed flags for /sdapi/v1/cmd-flags, with every credential masked."""
+    flags: dict[str, object] = {}
+    for name, value in vars(args).items():
+        if name in SECRET_FLAGS and value:
+            value = "********"
+        flags[name] = str(value) if isinstance(value, Path) else value
+    flags["ckpt_dir"] = [str(path) for path in args.ckpt_dir]
+    return flags
 
 
 def browser_state_secret(data_dir: Path) -> str:
@@ -153,6 +173,56 @@ class DeferredEngine:
         return self._runner.loaded_checkpoint() if self._runner is not None else None
 
 
+def build_api_context(
+    args: argparse.Namespace, registry: ModelRegistry, queue: GenerationQueue, settings: SettingsStore,
+    gallery: GalleryIndex, engine: DeferredEngine, outputs_root: Callable[[], Path],
+) -> ApiContext:
+    from webui.api.context import ApiContext, CheckpointListing
+
+    def list_checkpoints() -> list[CheckpointListing]:
+        return [CheckpointListing(info.name, str(info.path), info.stem, registry.cached_sha256(info))
+                for info in registry.scan()]
+
+    return ApiContext(
+        queue=queue, settings=settings, gallery=gallery, list_checkpoints=list_checkpoints,
+        loaded_checkpoint=engine.loaded_checkpoint, outputs_root=outputs_root, cmd_flags=public_flags(args),
+        version=INFOTEXT_VERSION,
+    )
+
+
+def mount_api(app: FastAPI, context: ApiContext, credentials: list[tuple[str, str]]) -> None:
+    """A1111's /sdapi/v1 and our /api/v1 on `app`, behind HTTP Basic when there are credentials."""
+    from fastapi import Depends
+
+    from webui.api.auth import basic_auth_dependency
+    from webui.api.jobs import build_jobs_router
+    from webui.api.sdapi import build_sdapi_router
+
+    dependencies = [Depends(basic_auth_dependency(credentials))] if credentials else []
+    app.include_router(build_sdapi_router(context), dependencies=dependencies)
+    app.include_router(build_jobs_router(context), dependencies=dependencies)
+
+
+def serve_api_only(
+    args: argparse.Namespace, host: str, context: ApiContext, credentials: list[tuple[str, str]],
+    queue: GenerationQueue, warm_up: Callable[[], None],
+) -> int:
+    """--nowebui: the REST API alone on its own server (A1111's default port 7861)."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    app = FastAPI(title="Stable Diffusion API", version=INFOTEXT_VERSION, docs_url="/docs", redoc_url=None)
+    mount_api(app, context, credentials)
+    port = args.port or 7861
+    print(f"API on http://{host}:{port} (docs at /docs)", flush=True)
+    threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        queue.shutdown()
+    return 0
+
+
 def run_app(args: argparse.Namespace) -> int:
     """Serve the web UI; the page answers before any model is loaded."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -185,6 +255,15 @@ def run_app(args: argparse.Namespace) -> int:
     queue.start()
     token_counter = TokenCounter()
 
+    def warm_up() -> None:
+        # After the server answers: index past outputs, load the tokenizer and the chosen checkpoint.
+        gallery.refresh()
+        token_counter.warm_up()
+        choices = [info.name for info in registry.scan()]
+        saved = settings.current.sd_model_checkpoint
+        if choices:
+            queue.submit(LoadCheckpointRequest(saved if saved in choices else choices[0]))
+
     import gradio as gr  # noqa: F401  (imported here: it alone takes seconds)
 
     from webui.ui.blocks import CSS, HEAD, build_ui, theme_head
@@ -201,10 +280,11 @@ def run_app(args: argparse.Namespace) -> int:
         outputs_root=outputs_root,
         browser_state_secret=browser_state_secret(args.data_dir),
     )
-    demo = build_ui(context)
-    demo.queue(default_concurrency_limit=None)
+    api_context = build_api_context(args, registry, queue, settings, gallery, engine, outputs_root)
+    # When the UI has a login, the API is never left open: it takes the same users unless --api-auth is given.
+    api_credentials = split_credentials(args.api_auth or "", "api_auth") or credentials
     host = "0.0.0.0" if args.listen else "127.0.0.1"
-    if args.listen and not credentials:
+    if args.listen and not credentials and not (args.nowebui and api_credentials):
         print(
             "\n" + "!" * 78 + "\n"
             "WARNING: --listen without --gradio-auth: anyone who can reach this machine can use the UI.\n"
@@ -212,9 +292,13 @@ def run_app(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     outputs_root().mkdir(parents=True, exist_ok=True)
-    demo.launch(
+    if args.nowebui:
+        return serve_api_only(args, host, api_context, api_credentials, queue, warm_up)
+    demo = build_ui(context)
+    demo.queue(default_concurrency_limit=None)
+    app, _, _ = demo.launch(
         server_name=host,
-        server_port=args.port,
+        server_port=args.port or 7860,
         auth=credentials or None,
         inbrowser=args.autolaunch,
         prevent_thread_lock=True,
@@ -224,17 +308,10 @@ def run_app(args: argparse.Namespace) -> int:
         footer_links=["gradio", "settings"],
         show_error=True,
         ssr_mode=False,
+        app_kwargs={"docs_url": "/docs", "redoc_url": None} if args.api else None,
     )
-
-    def warm_up() -> None:
-        # After the page answers: index past outputs, load the tokenizer and the chosen checkpoint.
-        gallery.refresh()
-        token_counter.warm_up()
-        choices = context.list_checkpoints()
-        saved = settings.current.sd_model_checkpoint
-        if choices:
-            queue.submit(LoadCheckpointRequest(saved if saved in choices else choices[0]))
-
+    if args.api:
+        mount_api(app, api_context, api_credentials)
     threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
     try:
         while True:

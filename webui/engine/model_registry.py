@@ -91,6 +91,10 @@ class ModelRegistry:
             self._sha256_by_file[key] = sha256_of_file(info.path)
         return self._sha256_by_file[key]
 
+    def cached_sha256(self, info: ModelInfo) -> str | None:
+        """The full hash if it was already computed for this file version; never hashes (listings stay fast)."""
+        return self._sha256_by_file.get((info.path, info.size, info.mtime))
+
     def short_hash(self, info: ModelInfo) -> str:
         """A1111's 10-character `Model hash`."""
         return self.sha256(info)[:10]

@@ -1,0 +1,36 @@
+"""What the REST routes need from the rest of the program, bundled once by the composition root.
+Must not import torch, the engine, gradio or fastapi."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from webui.app.gallery import GalleryIndex
+from webui.app.queue import GenerationQueue
+from webui.app.settings_store import SettingsStore
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointListing:
+    """A checkpoint file as the API lists it; sha256 only when already known (never hashed for a listing)."""
+
+    name: str  # relative to its model folder, e.g. "anime/model.safetensors"
+    filename: str  # absolute path
+    stem: str  # file name without folder and extension (the infotext's "Model")
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class ApiContext:
+    """The long-lived objects built in main.py and handed to the routers."""
+
+    queue: GenerationQueue
+    settings: SettingsStore
+    gallery: GalleryIndex
+    list_checkpoints: Callable[[], list[CheckpointListing]]
+    loaded_checkpoint: Callable[[], tuple[str, str] | None]  # (name, short hash) of the loaded model
+    outputs_root: Callable[[], Path]
+    cmd_flags: Mapping[str, object]  # parsed flags with every secret already masked
+    version: str
