@@ -42,6 +42,9 @@ class Txt2ImgRequest:
     """Generate images; the params are validated and the seed resolved when the job is submitted."""
 
     params: GenerationParams
+    # False: the images go to a scratch folder instead of the outputs folder and the gallery (A1111's API
+    # save_images=false); whoever submitted the job reads them and deletes the files.
+    save: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +216,7 @@ class GenerationQueue:
             params = request.params.validated()
             # Resolved here so the caller can show the seed at once and the job is reproducible from its record.
             first_seed = resolve_seed(params.seed)
-            request = Txt2ImgRequest(params.replace(seed=first_seed))
+            request = Txt2ImgRequest(params.replace(seed=first_seed), save=request.save)
             kind = TXT2IMG_KIND
         elif isinstance(request, LoadCheckpointRequest):
             if not isinstance(request.checkpoint, str) or not request.checkpoint.strip():

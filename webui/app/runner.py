@@ -3,7 +3,9 @@ Must not import gradio or fastapi; imports torch through webui.engine, so main i
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -47,12 +49,14 @@ class EngineRunner:
         self.on_saved = on_saved
         self.image_format = image_format
         self.filename_pattern = filename_pattern
+        # Created on the first unsaved job only; it holds files just until their submitter has read them.
+        self._scratch_outputs: Outputs | None = None
 
     def __call__(self, request: JobRequest, reporter: JobReporter, control: JobControl) -> None:
         if isinstance(request, LoadCheckpointRequest):
             self._load_checkpoint(request.checkpoint, reporter, control)
         elif isinstance(request, Txt2ImgRequest):
-            self._txt2img(request.params, reporter, control)
+            self._txt2img(request.params, reporter, control, save=request.save)
         elif isinstance(request, UnloadCheckpointRequest):
             self.manager.unload()
             reporter.message("Checkpoint unloaded")
@@ -74,13 +78,13 @@ class EngineRunner:
         loaded = self.manager.ensure(checkpoint)
         reporter.message(f"Loaded {loaded.info.stem} [{loaded.short_hash}]")
 
-    def _txt2img(self, params: GenerationParams, reporter: JobReporter, control: JobControl) -> None:
+    def _txt2img(self, params: GenerationParams, reporter: JobReporter, control: JobControl, save: bool = True) -> None:
         if control.interrupted:
             return
         if self._needs_load(params.checkpoint):
             reporter.message(f"Loading checkpoint {params.checkpoint}" if params.checkpoint else "Loading checkpoint")
         model = self.manager.ensure(params.checkpoint)
-        outputs = self.outputs()
+        outputs = self.outputs() if save else self._scratch()
         image_format = self.image_format() if self.image_format is not None else params.output_format
         pattern = self.filename_pattern() if self.filename_pattern is not None else DEFAULT_FILENAME_PATTERN
         on_denoised = self._preview_callback(reporter, self.preview_every_n_steps())
@@ -95,8 +99,13 @@ class EngineRunner:
                     filename_fields=fields, pattern=pattern,
                 )
                 reporter.image(saved)
-                if self.on_saved is not None:
+                if save and self.on_saved is not None:
                     self.on_saved(saved)
+
+    def _scratch(self) -> Outputs:
+        if self._scratch_outputs is None:
+            self._scratch_outputs = Outputs(Path(tempfile.mkdtemp(prefix="webui-unsaved-")))
+        return self._scratch_outputs
 
     @staticmethod
     def _preview_callback(

@@ -100,8 +100,14 @@ class GenerationParams:
                     name, f"must be between {float_limit.low:g} and {float_limit.high:g}, got {value:g}"
                 )
         for name in ("prompt", "negative_prompt"):
-            if not isinstance(getattr(self, name), str):
+            text = getattr(self, name)
+            if not isinstance(text, str):
                 raise ParamError(name, "must be text")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                # JSON can carry lone surrogates ("\ud800"); they can never be saved in an infotext.
+                raise ParamError(name, "must be valid Unicode text (no lone surrogates)") from None
         try:
             samplers.split_sampler_and_schedule(self.sampler, self.scheduler)
         except samplers.UnknownSamplerError as error:
