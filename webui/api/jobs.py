@@ -7,7 +7,6 @@ import base64
 import binascii
 import io
 import math
-import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Annotated, Any, Literal
@@ -20,6 +19,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from webui.api.checkpoints import could_be_a_hash, find_checkpoint
 from webui.api.context import ApiContext, CheckpointListing
 from webui.app.queue import JobSnapshot, JobState, LoadCheckpointRequest, Txt2ImgRequest
 from webui.core.infotext import parse_infotext
@@ -42,9 +42,6 @@ CANCEL_WAIT_SECONDS = 5.0
 DEFAULT_LOAD_TIMEOUT_SECONDS = 120.0
 MAX_LOAD_TIMEOUT_SECONDS = 600.0
 MAX_GALLERY_PAGE_SIZE = 200
-CHECKPOINT_SUFFIX = ".safetensors"
-# A1111's short hash is 10 hex digits, its legacy hash 8: only the queue's resolver can check those.
-HASH_LENGTHS = (8, 10)
 NOT_FOUND_RESPONSE = {"description": "No such job, checkpoint or file"}
 _DEFAULTS = GenerationParams()
 
@@ -351,24 +348,8 @@ def build_jobs_router(context: ApiContext) -> APIRouter:
 
     # -- models ------------------------------------------------------------------------------------------------
 
-    def find_checkpoint(query: str) -> CheckpointListing | None:
-        wanted = query.strip().replace(os.sep, "/")
-        listings = context.list_checkpoints()
-        for listing in listings:
-            if wanted in (listing.name, listing.name.removesuffix(CHECKPOINT_SUFFIX)):
-                return listing
-        for listing in listings:
-            if wanted in (Path(listing.filename).name, listing.stem):
-                return listing
-        lowered = wanted.lower()
-        for listing in listings:
-            if listing.sha256 and lowered in (listing.sha256, listing.sha256[:10]):
-                return listing
-        return None
-
-    def looks_like_hash(query: str) -> bool:
-        text = query.strip().lower()
-        return len(text) in HASH_LENGTHS and all(char in "0123456789abcdef" for char in text)
+    def find_listed_checkpoint(query: str) -> CheckpointListing | None:
+        return find_checkpoint(context.list_checkpoints(), query, context.loaded_checkpoint())
 
     @router.get("/models", response_model=list[ModelEntry], summary="Checkpoints in the model folders")
     def list_models() -> list[ModelEntry]:
@@ -404,8 +385,8 @@ def build_jobs_router(context: ApiContext) -> APIRouter:
             float, Query(ge=1.0, le=MAX_LOAD_TIMEOUT_SECONDS, allow_inf_nan=False, description="Seconds to wait")
         ] = DEFAULT_LOAD_TIMEOUT_SECONDS,
     ) -> LoadModelResult | JSONResponse:
-        listing = find_checkpoint(body.checkpoint)
-        if listing is None and not looks_like_hash(body.checkpoint):
+        listing = find_listed_checkpoint(body.checkpoint)
+        if listing is None and not could_be_a_hash(body.checkpoint):
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"checkpoint {body.checkpoint!r} not found")
         # A hash not yet computed can only be checked by hashing the files, which the worker does.
         wanted = listing.name if listing is not None else body.checkpoint.strip()

@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Mapping
@@ -29,6 +28,13 @@ from fastapi.routing import APIRoute
 from PIL import Image
 
 from webui.api import schemas
+from webui.api.checkpoints import (
+    checkpoint_title,
+    could_be_a_hash,
+    find_checkpoint,
+    model_name_of,
+    short_hash_of,
+)
 from webui.api.context import ApiContext, CheckpointListing
 from webui.app.outputs import SavedImage, encode_image_with_infotext, read_infotext
 from webui.app.queue import (
@@ -46,7 +52,6 @@ from webui.core.params import EMPHASIS_MODES, OUTPUT_FORMATS, RNG_SOURCES, Gener
 logger = logging.getLogger(__name__)
 
 PREFIX = "/sdapi/v1"
-CHECKPOINT_SUFFIX = ".safetensors"
 # A1111's Processed.job_timestamp / state.job_timestamp format.
 JOB_TIMESTAMP_FORMAT = "%Y%m%d%H%M%S"
 # A1111's state.job for API txt2img (shared.state.begin(job="scripts_txt2img")).
@@ -62,11 +67,6 @@ IGNORED_INFO_KEYS = frozenset({
     "jfif", "jfif_version", "jfif_unit", "jfif_density", "dpi", "exif", "loop", "background", "timestamp",
     "duration", "progressive", "progression", "icc_profile", "chromaticity", "photoshop",
 })
-# "name [hash]" titles, as A1111 shows checkpoints once their hash is known.
-_TITLE_WITH_HASH = re.compile(r"^(?P<name>.*?)\s*\[(?P<hash>[0-9a-fA-F]{8,64})\]$")
-_HEX_DIGITS = frozenset("0123456789abcdef")
-# A short model hash (10 chars) or A1111's legacy hash (8): only the engine can check those without a listing hash.
-_ENGINE_CHECKED_HASH_LENGTHS = (8, 10)
 
 # GenerationParams field → the request field a client wrote, for error messages.
 _API_FIELD_NAMES: Mapping[str, str] = {
@@ -155,70 +155,6 @@ def http_error_for_failed_job(error_text: str, checkpoint_field: str) -> HTTPExc
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------
-
-
-def model_name_of(listing: CheckpointListing) -> str:
-    """A1111's model_name: the relative name without extension, folder separators turned into '_'."""
-    return listing.name.removesuffix(CHECKPOINT_SUFFIX).replace("/", "_").replace("\\", "_")
-
-
-def short_hash_of(listing: CheckpointListing, loaded: tuple[str, str] | None) -> str | None:
-    if listing.sha256:
-        return listing.sha256[:10]
-    if loaded is not None and loaded[0] == listing.name:
-        return loaded[1]
-    return None
-
-
-def checkpoint_title(listing: CheckpointListing, loaded: tuple[str, str] | None) -> str:
-    """A1111's title: "name [short hash]" once the hash is known, else the name alone."""
-    short_hash = short_hash_of(listing, loaded)
-    return f"{listing.name} [{short_hash}]" if short_hash else listing.name
-
-
-def _names_of(listing: CheckpointListing) -> set[str]:
-    return {
-        listing.name,
-        listing.name.removesuffix(CHECKPOINT_SUFFIX),
-        listing.stem,
-        model_name_of(listing),
-        os.path.basename(listing.name),
-    }
-
-
-def _aliases_of(listing: CheckpointListing, loaded: tuple[str, str] | None) -> set[str]:
-    aliases = _names_of(listing)
-    short_hash = short_hash_of(listing, loaded)
-    if short_hash:
-        aliases |= {short_hash, *(f"{name} [{short_hash}]" for name in _names_of(listing))}
-    if listing.sha256:
-        aliases.add(listing.sha256)
-    return aliases
-
-
-def find_checkpoint(
-    listings: list[CheckpointListing], query: str, loaded: tuple[str, str] | None
-) -> CheckpointListing | None:
-    """The checkpoint a client named by any of A1111's aliases: name, name without extension, stem,
-    model_name, title "name [hash]", short hash or sha256; None when nothing matches."""
-    wanted = query.strip().replace("\\", "/")
-    # Hashes are compared in lower case (clients copy them from anywhere); names stay case-sensitive as in A1111.
-    candidates = {wanted, wanted.lower()} if set(wanted.lower()) <= _HEX_DIGITS else {wanted}
-    for listing in listings:
-        if candidates & _aliases_of(listing, loaded):
-            return listing
-    titled = _TITLE_WITH_HASH.match(wanted)
-    if titled is not None:
-        # A title carrying a hash this process has not computed yet (or a stale one): the name decides.
-        for listing in listings:
-            if titled.group("name") in _names_of(listing):
-                return listing
-    return None
-
-
-def _engine_can_check(query: str) -> bool:
-    lowered = query.strip().lower()
-    return len(lowered) in _ENGINE_CHECKED_HASH_LENGTHS and set(lowered) <= _HEX_DIGITS
 
 
 # -- small conversions ---------------------------------------------------------------------------------------
@@ -485,7 +421,7 @@ class SdapiRoutes:
         listing = find_checkpoint(listings, query, self.context.loaded_checkpoint())
         if listing is not None:
             return listing.name, listing
-        if _engine_can_check(query):
+        if could_be_a_hash(query):
             # A hash of a file never hashed in this process: the engine hashes and decides (404 if no match).
             return query.strip().lower(), None
         available = ", ".join(checkpoint_title(item, None) for item in listings) or "none"
