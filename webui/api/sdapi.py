@@ -127,21 +127,15 @@ class A1111Route(APIRoute):
         return handle_with_json_errors
 
 
-def _message_without_field(error: ParamError) -> str:
-    text = str(error)
-    prefix = f"{error.field}: "
-    return text[len(prefix):] if text.startswith(prefix) else text
-
-
 def api_param_message(error: ParamError) -> str:
     """The ParamError's message with the field spelled as the API request spells it."""
-    return f"{_API_FIELD_NAMES.get(error.field, error.field)}: {_message_without_field(error)}"
+    return f"{_API_FIELD_NAMES.get(error.field, error.field)}: {error.reason}"
 
 
 def http_error_for(error: ParamError) -> HTTPException:
     field = _API_FIELD_NAMES.get(error.field, error.field)
     status_code = 400 if field in _BAD_REQUEST_FIELDS else 422
-    return HTTPException(status_code, f"{field}: {_message_without_field(error)}")
+    return HTTPException(status_code, f"{field}: {error.reason}")
 
 
 def http_error_for_failed_job(error_text: str, checkpoint_field: str) -> HTTPException:
@@ -525,8 +519,8 @@ class SdapiRoutes:
         try:
             sampler, schedule = samplers.split_sampler_and_schedule(sampler_name, scheduler)
         except samplers.UnknownSamplerError as error:
-            field = "scheduler" if str(error).startswith("scheduler") else "sampler_name"
-            raise HTTPException(400, f"{field}: {str(error).split(': ', 1)[1]}") from None
+            field = "sampler_name" if error.field == "sampler" else error.field
+            raise HTTPException(400, f"{field}: {error.reason}") from None
         return GenerationParams(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
@@ -709,7 +703,7 @@ class SdapiRoutes:
                 self.context.settings.update(updates)
             except ParamError as error:
                 field = posted_as.get(error.field, error.field)
-                raise HTTPException(422, f"{field}: {_message_without_field(error)}") from None
+                raise HTTPException(422, f"{field}: {error.reason}") from None
         if checkpoint is not None:
             name, listing = checkpoint
             self.run_checkpoint_job(LoadCheckpointRequest(name))

@@ -154,8 +154,7 @@ def _check_ui_defaults(values: Mapping[str, object]) -> None:
     try:
         GenerationParams(**values).validated()  # type: ignore[arg-type]
     except ParamError as error:
-        message = str(error).split(": ", 1)[1]
-        raise ParamError(f"ui_defaults.{error.field}", message) from None
+        raise ParamError(f"ui_defaults.{error.field}", error.reason) from None
 
 
 def _validate_ui_defaults(value: object, base: Mapping[str, object]) -> Mapping[str, object]:

@@ -23,6 +23,7 @@ class ParamError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.reason = message
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +112,7 @@ class GenerationParams:
         try:
             samplers.split_sampler_and_schedule(self.sampler, self.scheduler)
         except samplers.UnknownSamplerError as error:
-            field = "scheduler" if str(error).startswith("scheduler") else "sampler"
-            raise ParamError(field, str(error).split(": ", 1)[1]) from None
+            raise ParamError(error.field, error.reason) from None
         choices = {"rng_source": RNG_SOURCES, "emphasis": EMPHASIS_MODES, "output_format": OUTPUT_FORMATS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

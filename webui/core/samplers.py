@@ -89,7 +89,12 @@ DEFAULT_SCHEDULE = "Automatic"
 
 
 class UnknownSamplerError(ValueError):
-    """A sampler or schedule name that no registry entry or alias matches."""
+    """A sampler or schedule name that no registry entry or alias matches; `field` says which."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
 
 
 def _lookup_key(text: str) -> str:
@@ -102,9 +107,7 @@ def find_sampler(name: str) -> SamplerSpec:
     for spec in SAMPLERS.values():
         if key == spec.name.lower() or key in (alias.lower() for alias in spec.aliases):
             return spec
-    raise UnknownSamplerError(
-        f"sampler: unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}"
-    )
+    raise UnknownSamplerError("sampler", f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
 
 
 def find_schedule(name: str) -> ScheduleSpec:
@@ -115,7 +118,7 @@ def find_schedule(name: str) -> ScheduleSpec:
         if key in (candidate.lower() for candidate in names):
             return spec
     raise UnknownSamplerError(
-        f"scheduler: unknown schedule type {name!r}; choose one of: {', '.join(SCHEDULES)}"
+        "scheduler", f"unknown schedule type {name!r}; choose one of: {', '.join(SCHEDULES)}"
     )
 
 

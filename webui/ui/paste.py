@@ -25,7 +25,7 @@ def values_from_infotext(infotext: str) -> tuple[dict[str, object], str | None]:
                 str(values["sampler"]), str(values.get("scheduler", "Automatic"))
             )
         except UnknownSamplerError as error:
-            raise ParamError("Sampler", str(error).split(": ", 1)[1]) from None
+            raise ParamError("Sampler", error.reason) from None
         values["sampler"], values["scheduler"] = sampler.name, schedule.label
     checkpoint = kwargs.get("checkpoint")
     return values, str(checkpoint) if checkpoint else None
