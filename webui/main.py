@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import secrets
 import sys
 import threading
 import time
@@ -109,20 +108,6 @@ def public_flags(args: argparse.Namespace) -> dict[str, object]:
         flags[name] = str(value) if isinstance(value, Path) else value
     flags["ckpt_dir"] = [str(path) for path in args.ckpt_dir]
     return flags
-
-
-def browser_state_secret(data_dir: Path) -> str:
-    """A per-install secret for the browser-stored UI state, kept so it survives restarts."""
-    path = data_dir / "cache" / "browser-state-secret"
-    if path.is_file():
-        return path.read_text(encoding="utf-8").strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_hex(32)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(secret, encoding="utf-8")
-    temporary.chmod(0o600)
-    os.replace(temporary, path)
-    return secret
 
 
 class DeferredEngine:
@@ -278,7 +263,6 @@ def run_app(args: argparse.Namespace) -> int:
         loaded_checkpoint=engine.loaded_checkpoint,
         where_to_put_checkpoints=registry.where_to_put_checkpoints(),
         outputs_root=outputs_root,
-        browser_state_secret=browser_state_secret(args.data_dir),
     )
     api_context = build_api_context(args, registry, queue, settings, gallery, engine, outputs_root)
     # When the UI has a login, the API is never left open: it takes the same users unless --api-auth is given.

@@ -14,6 +14,8 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Page, expect
 
+from webui.ui.blocks import BROWSER_STATE_KEY
+
 if TYPE_CHECKING:
     from tests.ui.conftest import EngineImages, WebuiServer
 
@@ -395,11 +397,15 @@ def test_checkpoint_swap_from_the_dropdown(page: Page) -> None:
 def test_prompt_and_controls_survive_a_page_refresh(page: Page) -> None:
     fill_text(page, "txt2img_prompt", "a lighthouse keeper's cat")
     fill_text(page, "txt2img_neg_prompt", "text, watermark")
-    # Every change is written to the browser's storage by a queued event; wait for the last one to land.
-    with page.expect_request(_is_queue_join):
-        set_number(page, "txt2img_steps", 13)
     _wait_until_settled(page)
-    wait_for_text(page, "txt2img_token_counter", r"^\s*\d+/75\s*$|\b\d+/75\b")
+    # The controls are kept in the browser's localStorage by an event after each change: wait until the
+    # stored value changes after the last edit, so the reload cannot race the save.
+    stored_before = page.evaluate("key => localStorage.getItem(key)", BROWSER_STATE_KEY)
+    set_number(page, "txt2img_steps", 13)
+    page.wait_for_function(
+        "([key, before]) => localStorage.getItem(key) !== before", arg=[BROWSER_STATE_KEY, stored_before]
+    )
+    _wait_until_settled(page)
 
     reload_ui(page)
 

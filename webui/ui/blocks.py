@@ -3,6 +3,7 @@ Must not import torch or the engine; the composition root passes everything in t
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import gradio as gr
@@ -85,25 +86,27 @@ def build_ui(ctx: UiContext) -> gr.Blocks:
 
 
 def remember_controls(ctx: UiContext, demo: gr.Blocks, components: list[Any]) -> None:
-    """Keep the txt2img controls in the browser's storage: restored on load, saved on every change."""
-    state = gr.BrowserState(None, storage_key=BROWSER_STATE_KEY, secret=ctx.browser_state_secret)
+    """Keep the txt2img controls in the browser's localStorage: saved on every change, restored on load.
 
-    def restore(saved: dict[str, Any] | None) -> list[Any]:
-        # What this browser kept, else the current UI defaults from Settings (which may have changed
-        # since the page was built), else leave the control alone.
+    Both run in the browser (no server round trip), so a refresh right after an edit cannot race a
+    pending save. On load the server first applies the current UI defaults from Settings, then the
+    browser's saved values replace them.
+    """
+
+    def current_defaults() -> list[Any]:
         defaults = ctx.settings.current.ui_defaults
-        checkpoints = ctx.list_checkpoints()
-        values: list[Any] = []
-        for name in REMEMBERED_CONTROLS:
-            value = saved.get(name) if saved else None
-            if value is None or (name == "checkpoint" and value not in checkpoints):
-                value = defaults.get(name)
-            values.append(gr.update() if value is None else value)
-        return values
+        return [defaults[name] if name in defaults else gr.update() for name in REMEMBERED_CONTROLS]
 
-    def save(*values: Any) -> dict[str, Any]:
-        return dict(zip(REMEMBERED_CONTROLS, values, strict=True))
-
-    demo.load(restore, inputs=state, outputs=components, api_name=False)
-    gr.on([component.change for component in components], save, inputs=components, outputs=state,
-          trigger_mode="always_last", show_progress="hidden", api_name=False)
+    key = json.dumps(BROWSER_STATE_KEY)
+    save_js = f"(...values) => {{ localStorage.setItem({key}, JSON.stringify(values)); return []; }}"
+    restore_js = (
+        f"(...current) => {{ let saved = null; try {{ saved = JSON.parse(localStorage.getItem({key})); }} "
+        "catch (error) { saved = null; } "
+        "if (!Array.isArray(saved) || saved.length !== current.length) return current; "
+        "return saved.map((value, index) => (value === null ? current[index] : value)); }"
+    )
+    demo.load(current_defaults, outputs=components, api_name=False).then(
+        None, inputs=components, outputs=components, js=restore_js, api_name=False
+    )
+    gr.on([component.change for component in components], None, inputs=components, outputs=None,
+          js=save_js, api_name=False)

@@ -25,4 +25,3 @@ class UiContext:
     loaded_checkpoint: Callable[[], tuple[str, str] | None]
     where_to_put_checkpoints: str
     outputs_root: Callable[[], Path]
-    browser_state_secret: str

@@ -17,10 +17,10 @@ from webui.ui.context import UiContext
 from webui.ui.paste import checkpoint_choice, values_from_infotext
 
 VAE_CHOICES = ["Automatic"]
-# Controls kept in the browser (they survive a refresh and a server restart), in this order.
+# Controls kept in the browser's localStorage (they survive a refresh and a server restart), in this order.
 REMEMBERED_CONTROLS = (
     "prompt", "negative_prompt", "sampler", "scheduler", "steps", "cfg_scale",
-    "width", "height", "seed", "batch_count", "batch_size", "clip_skip", "checkpoint",
+    "width", "height", "seed", "batch_count", "batch_size", "clip_skip",
 )
 INTEGER_FIELDS = ("steps", "width", "height", "seed", "batch_count", "batch_size", "clip_skip")
 PROGRESS_POLL_SECONDS = 1.0
@@ -77,8 +77,8 @@ def pasteable_controls(top: TopBar, tab: Txt2ImgTab) -> dict[str, gr.components.
 
 
 def remembered_components(top: TopBar, tab: Txt2ImgTab) -> list[gr.components.Component]:
-    by_name = {**pasteable_controls(top, tab), "batch_count": tab.batch_count, "batch_size": tab.batch_size,
-               "checkpoint": top.checkpoint}
+    # The checkpoint is not among them: the server restores the last one chosen (Settings).
+    by_name = {**pasteable_controls(top, tab), "batch_count": tab.batch_count, "batch_size": tab.batch_size}
     return [by_name[name] for name in REMEMBERED_CONTROLS]
 
 
