@@ -21,7 +21,8 @@ from webui.core.events import Progress  # noqa: E402
 from webui.core.params import GenerationParams  # noqa: E402
 from webui.engine.devices import choose_device_policy  # noqa: E402
 from webui.engine.generate import generate  # noqa: E402
-from webui.engine.model_manager import LoadedModel, ModelManager, read_component_config  # noqa: E402
+from webui.engine.checkpoint_loading import read_component_config  # noqa: E402
+from webui.engine.model_manager import LoadedModel, ModelManager  # noqa: E402
 from webui.engine.model_registry import ModelRegistry  # noqa: E402
 
 

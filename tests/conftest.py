@@ -47,3 +47,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_checkpoint(tiny_model_dir: Path) -> Path:
     """Path of tiny.safetensors (seed 0, fp16, "tiny" variant) inside tiny_model_dir."""
     return tiny_model_dir / f"{TINY_CHECKPOINT_NAME}.safetensors"
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder with tiny SD 2.x and SDXL files in their real single-file layouts, each with a sidecar:
+    sd2_eps (random UNet: A1111's v-prediction test says eps), sd2_v (passes that test), sdxl (base)."""
+    from tests.fixtures.tiny_sd import build_tiny_sd2_checkpoint, build_tiny_sdxl_checkpoint
+
+    model_dir = tmp_path_factory.mktemp("sd2_sdxl_root") / "models" / "Stable-diffusion"
+    model_dir.mkdir(parents=True)
+    build_tiny_sd2_checkpoint(model_dir, "sd2_eps", seed=0)
+    build_tiny_sd2_checkpoint(model_dir, "sd2_v", seed=1, v_prediction=True)
+    build_tiny_sdxl_checkpoint(model_dir, "sdxl", seed=0)
+    return model_dir

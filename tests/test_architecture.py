@@ -19,6 +19,12 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "webui.engine": ("gradio", "fastapi", "webui.app", "webui.ui", "webui.api", "webui.main", "webui.cli"),
     "webui.app": ("gradio", "fastapi", "webui.ui", "webui.api", "webui.main", "webui.cli"),
     "webui.ui": ("torch", "diffusers", "transformers", "webui.engine", "webui.api", "webui.main", "webui.cli"),
+    # The access gate wraps any ASGI app: standard library only, no web framework.
+    "webui.security": ("gradio", "fastapi", "starlette", "torch", "webui.engine", "webui.app", "webui.ui",
+                       "webui.api", "webui.main", "webui.cli"),
+    # The tunnel: gradio's frpc and tunnel-request only (imported inside functions), nothing of the app.
+    "webui.share": ("torch", "diffusers", "transformers", "fastapi", "webui.engine", "webui.app", "webui.ui",
+                    "webui.api", "webui.main", "webui.cli"),
 }
 
 
@@ -71,3 +77,24 @@ def test_every_module_starts_with_a_docstring(path: Path) -> None:
     docstring = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
     assert docstring, f"{path.relative_to(ROOT)} has no module docstring"
     assert len(docstring.strip().splitlines()) >= 2, f"{path.relative_to(ROOT)}: docstring must say what it owns and must not import"
+
+
+EXTENSION_FILES = sorted((ROOT / "extensions").rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", EXTENSION_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_extensions_import_only_the_extension_api(path: Path) -> None:
+    for imported in imported_modules(path):
+        if imported == "webui" or imported.startswith("webui."):
+            assert imported == "webui.extension_api", (
+                f"{path.relative_to(ROOT)} imports {imported}; extensions may import only webui.extension_api"
+            )
+
+
+def test_the_extension_api_imports_only_core() -> None:
+    path = PACKAGE / "extension_api.py"
+    for imported in imported_modules(path):
+        if imported.startswith("webui."):
+            assert imported.startswith("webui.core."), (
+                f"webui.extension_api imports {imported}; the public surface may rest on webui.core only"
+            )

@@ -1,4 +1,4 @@
-"""Tests of the SD 1.x fixtures and shipped config: LDM-layout files diffusers' converters read back bit-identically.
+"""Tests of the SD 1.x/2.x/SDXL fixtures and shipped configs: single-file layouts diffusers' converters read back.
 Must not import webui: the fixtures are checked against diffusers itself, never against the engine they will test."""
 
 from __future__ import annotations
@@ -447,3 +447,76 @@ def test_ldm_layout_names_follow_the_original_module_tree() -> None:
     assert UNET_PREFIX + "input_blocks.3.0.skip_connection.weight" in keys  # 32 -> 64 channels
     assert UNET_PREFIX + "output_blocks.1.1.conv.weight" in keys  # the up path's level 0 has no attention: slot 1
     assert UNET_PREFIX + "output_blocks.3.1.proj_out.weight" in keys
+
+
+# --- SD 2.x and SDXL layouts ---------------------------------------------------------------------------------------
+
+
+def _meta_family_state_dict(family: str) -> dict[str, Tensor]:
+    """The fixture's single-file state dict of the full-size shipped model, built on the meta device (no memory)."""
+    from transformers import CLIPTextModelWithProjection
+
+    from tests.fixtures.ldm_layout import sd2_ldm_state_dict, sdxl_sgm_state_dict
+    from tests.fixtures.tiny_sd import SHIPPED_SD2_CONFIG_DIR, SHIPPED_SDXL_CONFIG_DIR
+
+    def text_config(path: Path, **changes: Any) -> CLIPTextConfig:
+        values = {**read_json(path), **changes}
+        return CLIPTextConfig(**{k: v for k, v in values.items() if k not in TRANSFORMERS_FILE_KEYS})
+
+    config_dir = SHIPPED_SD2_CONFIG_DIR if family == "sd2" else SHIPPED_SDXL_CONFIG_DIR
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(read_json(config_dir / UNET_CONFIG_FILE))
+        vae = AutoencoderKL.from_config(read_json(config_dir / VAE_CONFIG_FILE))
+        if family == "sd2":
+            # The file holds OpenCLIP-H's whole text tower: 24 layers and a 1024 x 1024 projection.
+            tower = CLIPTextModelWithProjection(
+                text_config(config_dir / TEXT_ENCODER_CONFIG_FILE, num_hidden_layers=24, projection_dim=1024)
+            )
+            return sd2_ldm_state_dict(unet, vae, tower, shipped_sd1_scheduler_config())
+        clip_l = CLIPTextModel(text_config(config_dir / TEXT_ENCODER_CONFIG_FILE))
+        clip_g = CLIPTextModelWithProjection(text_config(config_dir / "text_encoder_2" / "config.json"))
+    return sdxl_sgm_state_dict(unet, vae, clip_l, clip_g)
+
+
+def test_full_size_sdxl_layout_has_the_keys_of_the_real_base_file() -> None:
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    state = _meta_family_state_dict("sdxl")
+    # sd_xl_base_1.0.safetensors: 1680 UNet + 248 VAE + 197 CLIP-L (with position_ids) + 390 bigG tensors.
+    assert len(state) == 2515
+    probes = {
+        "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
+        "model.diffusion_model.input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight": (640, 2048),
+        "model.diffusion_model.input_blocks.7.1.proj_in.weight": (1280, 1280),
+        "model.diffusion_model.middle_block.1.transformer_blocks.9.attn1.to_q.weight": (1280, 1280),
+        "model.diffusion_model.output_blocks.2.2.conv.weight": (1280, 1280, 3, 3),
+        "model.diffusion_model.output_blocks.5.2.conv.weight": (640, 640, 3, 3),
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_ids": (1, 77),
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc2.weight": (768, 3072),
+        "conditioner.embedders.1.model.positional_embedding": (77, 1280),
+        "conditioner.embedders.1.model.token_embedding.weight": (49408, 1280),
+        "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight": (3840, 1280),
+        "conditioner.embedders.1.model.transformer.resblocks.31.mlp.c_fc.weight": (5120, 1280),
+        "conditioner.embedders.1.model.text_projection": (1280, 1280),
+        "conditioner.embedders.1.model.ln_final.weight": (1280,),
+    }
+    assert {key: tuple(state[key].shape) for key in probes} == probes
+    assert not any(key.startswith("alphas_cumprod") for key in state)  # sgm files carry no DDPM buffers
+    assert infer_diffusers_model_type(state) == "xl_base"
+
+
+def test_full_size_sd2_layout_has_the_keys_of_a_real_sd21_file() -> None:
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    state = _meta_family_state_dict("sd2")
+    probes = {
+        "model.diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320),  # linear, not 1x1 conv as in SD 1.x
+        "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024),
+        "cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight": (3072, 1024),
+        "cond_stage_model.model.text_projection": (1024, 1024),
+        "cond_stage_model.model.positional_embedding": (77, 1024),
+        "alphas_cumprod": (1000,),
+    }
+    assert {key: tuple(state[key].shape) for key in probes} == probes
+    assert sum(key.startswith("cond_stage_model.model.") for key in state) == 24 * 12 + 6
+    assert infer_diffusers_model_type(state) == "v2"

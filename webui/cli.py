@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from webui.app.model_download import DEFAULT_MODEL_SHA256, DEFAULT_MODEL_URL
 from webui.core import samplers
 from webui.core.params import EMPHASIS_MODES, OUTPUT_FORMATS, RNG_SOURCES, GenerationParams
 
@@ -25,6 +26,19 @@ def _add_path_flags(parser: argparse.ArgumentParser, default_data_dir: Path, on_
         help="an extra folder of checkpoints, searched after models/Stable-diffusion (repeatable)",
     )
     parser.add_argument(
+        "--vae-dir", type=Path, action="append", default=default([]),
+        help="an extra folder of VAEs, searched after models/VAE (repeatable)",
+    )
+    parser.add_argument(
+        "--lora-dir", type=Path, action="append", default=default([]),
+        help="an extra folder of LoRAs, searched after models/Lora (repeatable)",
+    )
+    parser.add_argument(
+        "--embeddings-dir", type=Path, action="append", default=default([]),
+        help="an extra folder of textual-inversion embeddings, searched after embeddings/ and models/embeddings "
+        "(repeatable)",
+    )
+    parser.add_argument(
         "--outdir", type=Path, default=default(None),
         help="outputs folder; images go to OUTDIR/txt2img-images/YYYY-MM-DD/ (default: DATA_DIR/outputs)",
     )
@@ -39,6 +53,16 @@ def build_parser(default_data_dir: Path) -> argparse.ArgumentParser:
     _add_path_flags(parser, default_data_dir, on_subcommand=False)
     parser.add_argument("--listen", action="store_true",
                         help="serve on 0.0.0.0 so other machines can connect (default: 127.0.0.1 only)")
+    parser.add_argument("--share", action="store_true",
+                        help="make a public link through gradio's share tunnel (frp); a login is required")
+    parser.add_argument("--share-server", default=None, metavar="HOST:PORT",
+                        help="with --share: use your own frp share server instead of gradio's")
+    parser.add_argument("--share-server-tls-certificate", type=Path, default=None, metavar="FILE",
+                        help="with --share-server: the CA certificate (PEM) that the share server's TLS certificate "
+                        "chains to; without it the tunnel to your server is not encrypted by TLS")
+    parser.add_argument("--insecure-no-auth", action="store_true",
+                        help="with --listen or --share: do NOT require a login (anyone who can reach the server "
+                        "can use it); without this flag a password is generated")
     parser.add_argument("--port", type=int, default=None,
                         help="port to serve on (default: 7860, or 7861 with --nowebui)")
     parser.add_argument("--api", action="store_true", help="serve A1111's /sdapi/v1 and the /api/v1 job API beside the UI")
@@ -51,7 +75,34 @@ def build_parser(default_data_dir: Path) -> argparse.ArgumentParser:
                         help="a file of USER:PASS entries (one per line or comma-separated)")
     parser.add_argument("--theme", choices=("light", "dark"), default=None, help="force the UI theme")
     parser.add_argument("--autolaunch", action="store_true", help="open the UI in the default browser")
+    parser.add_argument("--extensions-dir", type=Path, default=None, metavar="DIR",
+                        help="where extensions are installed (default: DATA_DIR/extensions; the shipped ones "
+                        "in the program's extensions/ folder are always listed)")
+    parser.add_argument("--disable-extensions", action="store_true",
+                        help="safe mode: start without loading any extension")
+    parser.add_argument("--enable-insecure-extension-access", action="store_true",
+                        help="allow installing, updating and removing extensions even with --listen or --share")
+    parser.add_argument("--default-model-url", default=DEFAULT_MODEL_URL, metavar="URL",
+                        help="where the offered default model is downloaded from (default: A1111's SD 1.5, "
+                        "v1-5-pruned-emaonly.safetensors on huggingface.co)")
+    parser.add_argument("--default-model-sha256", default=DEFAULT_MODEL_SHA256, metavar="HEX",
+                        help="sha256 the downloaded default model must have (default: SD 1.5's)")
+    parser.add_argument("--no-download-sd-model", action="store_true",
+                        help="never offer to download a model when none is found (A1111's flag)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    download = commands.add_parser(
+        "download-model",
+        help="download the default model (SD 1.5) into the first checkpoint folder",
+        description="Download a checkpoint (default: SD 1.5, 4.3 GB) into DATA_DIR/models/Stable-diffusion. "
+        "Resumes an interrupted download, checks free disk space first and the sha256 before the file "
+        "appears. Progress goes to stderr; the saved path is printed.",
+    )
+    _add_path_flags(download, default_data_dir, on_subcommand=True)
+    download.add_argument("--url", dest="default_model_url", default=argparse.SUPPRESS, metavar="URL",
+                          help="URL of a .safetensors file (default: --default-model-url)")
+    download.add_argument("--sha256", dest="default_model_sha256", default=argparse.SUPPRESS, metavar="HEX",
+                          help="its expected sha256 (default: --default-model-sha256)")
 
     defaults = GenerationParams()
     txt2img = commands.add_parser(

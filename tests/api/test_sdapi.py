@@ -464,7 +464,7 @@ def test_samplers_and_schedulers_use_a1111_names(api_server: ApiServer) -> None:
 
 def test_lists_of_things_this_server_does_not_have(api_server: ApiServer) -> None:
     for path in ("/sd-vae", "/upscalers", "/face-restorers", "/realesrgan-models", "/hypernetworks",
-                 "/prompt-styles", "/loras", "/extensions"):
+                 "/prompt-styles", "/loras"):
         response = get(api_server, path)
         assert (response.status_code, response.json()) == (200, []), path
     assert get(api_server, "/embeddings").json() == {"loaded": {}, "skipped": {}}

@@ -149,6 +149,17 @@ def test_generation_fields_in_a1111_order_with_all_optional_keys() -> None:
     )
 
 
+def test_an_external_vae_is_written_where_a1111_writes_it_and_read_back() -> None:
+    params = GenerationParams(prompt="a cat", clip_skip=2, vae="vae-ft-mse-840000-ema-pruned.safetensors")
+    text = build_infotext(params, 1234567890, "v1-5-pruned-emaonly", "6ce0161689", VERSION,
+                          vae_name="vae-ft-mse-840000-ema-pruned.safetensors", vae_hash="735e4c3a44")
+    assert "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, VAE hash: 735e4c3a44, " \
+        "VAE: vae-ft-mse-840000-ema-pruned.safetensors, Clip skip: 2, Version" in text
+    assert params_from_infotext(parse_infotext(text))["vae"] == "vae-ft-mse-840000-ema-pruned.safetensors"
+    # The checkpoint's own VAE is not named, as in A1111.
+    assert "VAE" not in build_infotext(GenerationParams(prompt="a cat"), 1, "m", "6ce0161689", VERSION)
+
+
 def test_default_params_write_what_a1111_writes() -> None:
     params = GenerationParams(prompt="a cat")
     text = build_infotext(params, 1234567890, "v1-5-pruned-emaonly", "6ce0161689", VERSION)
@@ -273,7 +284,7 @@ def test_a1111_example_gives_generation_params() -> None:
         "negative_prompt": "lowres, bad anatomy, easynegative",
         "steps": 20, "sampler": "DPM++ 2M", "scheduler": "Karras", "cfg_scale": 7.0, "seed": 1234567890,
         "width": 512, "height": 768, "clip_skip": 2, "rng_source": "GPU", "emphasis": "Original",
-        "checkpoint": "v1-5-pruned-emaonly",
+        "checkpoint": "v1-5-pruned-emaonly", "vae": "vae-ft-mse-840000-ema-pruned.safetensors",
     }
     GenerationParams(**arguments).validated()  # type: ignore[arg-type]
 

@@ -36,9 +36,10 @@ def models(tmp_path: Path, tiny_model_dir: Path) -> Path:
 @pytest.mark.parametrize(
     "keys, message",
     [
-        ({"conditioner.embedders.1.model.ln_final.weight": (4,), UNET_IN: (4, 4, 3, 3)}, "SDXL base"),
+        # SDXL base and SD 2.x load now (tests/engine/test_families.py); their inpainting variants do not.
+        ({"conditioner.embedders.1.model.ln_final.weight": (4,), UNET_IN: (4, 9, 3, 3)}, "SDXL inpainting"),
         ({"conditioner.embedders.0.model.ln_final.weight": (4,), UNET_IN: (4, 4, 3, 3)}, "SDXL refiner"),
-        ({"cond_stage_model.model.ln_final.weight": (4,), UNET_IN: (4, 4, 3, 3)}, "Stable Diffusion 2.x"),
+        ({"cond_stage_model.model.ln_final.weight": (4,), UNET_IN: (4, 9, 3, 3)}, "Stable Diffusion 2.x inpainting"),
         ({"model.diffusion_model.x_embedder.proj.weight": (4,)}, "Stable Diffusion 3"),
         ({"double_blocks.0.img_attn.norm.key_norm.scale": (4,)}, "Flux"),
         ({UNET_IN: (4, 9, 3, 3), "cond_stage_model.transformer.text_model.final_layer_norm.weight": (4,)}, "inpainting"),

@@ -21,7 +21,7 @@ def model_name_of(listing: CheckpointListing) -> str:
     return listing.name.removesuffix(CHECKPOINT_SUFFIX).replace("/", "_").replace("\\", "_")
 
 
-def short_hash_of(listing: CheckpointListing, loaded: tuple[str, str] | None) -> str | None:
+def short_hash_of(listing: CheckpointListing, loaded: tuple[str, str | None] | None) -> str | None:
     if listing.sha256:
         return listing.sha256[:10]
     if loaded is not None and loaded[0] == listing.name:
@@ -29,7 +29,7 @@ def short_hash_of(listing: CheckpointListing, loaded: tuple[str, str] | None) ->
     return None
 
 
-def checkpoint_title(listing: CheckpointListing, loaded: tuple[str, str] | None) -> str:
+def checkpoint_title(listing: CheckpointListing, loaded: tuple[str, str | None] | None) -> str:
     """A1111's title: "name [short hash]" once the hash is known, else the name alone."""
     short_hash = short_hash_of(listing, loaded)
     return f"{listing.name} [{short_hash}]" if short_hash else listing.name
@@ -45,7 +45,7 @@ def _names_of(listing: CheckpointListing) -> set[str]:
     }
 
 
-def _aliases_of(listing: CheckpointListing, loaded: tuple[str, str] | None) -> set[str]:
+def _aliases_of(listing: CheckpointListing, loaded: tuple[str, str | None] | None) -> set[str]:
     aliases = _names_of(listing)
     short_hash = short_hash_of(listing, loaded)
     if short_hash:
@@ -56,7 +56,7 @@ def _aliases_of(listing: CheckpointListing, loaded: tuple[str, str] | None) -> s
 
 
 def find_checkpoint(
-    listings: list[CheckpointListing], query: str, loaded: tuple[str, str] | None
+    listings: list[CheckpointListing], query: str, loaded: tuple[str, str | None] | None
 ) -> CheckpointListing | None:
     """The checkpoint a client named by any of A1111's aliases: name, name without extension, stem,
     model_name, title "name [hash]", short hash or sha256; None when nothing matches."""

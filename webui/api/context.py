@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from webui.app.extensions import ExtensionHost
 from webui.app.gallery import GalleryIndex
 from webui.app.queue import GenerationQueue
 from webui.app.settings_store import SettingsStore
@@ -30,7 +31,11 @@ class ApiContext:
     settings: SettingsStore
     gallery: GalleryIndex
     list_checkpoints: Callable[[], list[CheckpointListing]]
-    loaded_checkpoint: Callable[[], tuple[str, str] | None]  # (name, short hash) of the loaded model
+    loaded_checkpoint: Callable[[], tuple[str, str | None] | None]  # (name, short hash) of the loaded model
     outputs_root: Callable[[], Path]
     cmd_flags: Mapping[str, object]  # parsed flags with every secret already masked
     version: str
+    # (name relative to its VAE folder, absolute path) of every VAE file, for /sdapi/v1/sd-vae and sd_vae.
+    list_vae_files: Callable[[], list[tuple[str, str]]]
+    # The extension host: alwayson_scripts, /sdapi/v1/extensions, /api/v1/extensions; None: no extensions.
+    extensions: ExtensionHost | None = None

@@ -155,6 +155,13 @@ class SamplerItem(BaseModel):
     options: dict[str, Any]
 
 
+class VaeItem(BaseModel):
+    """One entry of A1111's GET /sdapi/v1/sd-vae."""
+
+    model_name: str
+    filename: str
+
+
 class SchedulerItem(BaseModel):
     name: str
     label: str

@@ -36,6 +36,7 @@ from webui.api.checkpoints import (
     short_hash_of,
 )
 from webui.api.context import ApiContext, CheckpointListing
+from webui.api.extensions import a1111_extension_list
 from webui.app.outputs import SavedImage, encode_image_with_infotext, read_infotext
 from webui.app.queue import (
     TXT2IMG_KIND,
@@ -47,7 +48,17 @@ from webui.app.queue import (
 )
 from webui.core import samplers
 from webui.core.infotext import generation_fields, params_from_infotext, parse_infotext
-from webui.core.params import EMPHASIS_MODES, OUTPUT_FORMATS, RNG_SOURCES, GenerationParams, ParamError, image_seeds
+from webui.core.params import (
+    AUTOMATIC_VAE,
+    EMPHASIS_MODES,
+    NO_VAE,
+    OUTPUT_FORMATS,
+    RNG_SOURCES,
+    ExtensionValues,
+    GenerationParams,
+    ParamError,
+    image_seeds,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -333,6 +344,7 @@ class JobSettings:
     rng_source: str
     emphasis: str
     image_format: str
+    vae: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -471,6 +483,9 @@ class SdapiRoutes:
             if listing is not None:
                 from_infotext["sd_model_checkpoint"] = listing.name
                 break
+        # Like the checkpoint: an infotext's VAE is used only when this server has that file.
+        if parsed.fields.get("VAE") in self.vae_choices():
+            from_infotext["sd_vae"] = parsed.fields["VAE"]
         updates["override_settings"] = {**from_infotext, **(request.override_settings or {})}
         return request.model_copy(update=updates)
 
@@ -501,7 +516,14 @@ class SdapiRoutes:
                 "override_settings.samples_format", overrides["samples_format"], (*OUTPUT_FORMATS, "jpeg")
             )
             image_format = _normalised_format(image_format)
-        return JobSettings(checkpoint, listing, clip_skip, rng_source, emphasis, image_format)
+        vae = current.sd_vae if current.sd_vae in self.vae_choices() else AUTOMATIC_VAE
+        if "sd_vae" in overrides:
+            vae = _choice_setting("override_settings.sd_vae", overrides["sd_vae"], tuple(self.vae_choices()))
+        return JobSettings(checkpoint, listing, clip_skip, rng_source, emphasis, image_format, vae)
+
+    def vae_choices(self) -> list[str]:
+        """A1111's sd_vae values: Automatic, None, then each VAE file's name."""
+        return [AUTOMATIC_VAE, NO_VAE, *(name for name, _ in self.context.list_vae_files())]
 
     def check_supported(self, request: schemas.Txt2ImgApiRequest) -> None:
         for feature in _UNSUPPORTED:
@@ -510,8 +532,18 @@ class SdapiRoutes:
         if request.script_name:
             # A1111 answers 422 "Script '...' not found"; this server has no scripts.
             raise HTTPException(422, f"script_name: script {request.script_name!r} not found")
-        for name in request.alwayson_scripts:
+
+    def extension_values(self, request: schemas.Txt2ImgApiRequest) -> ExtensionValues:
+        """alwayson_scripts mapped onto the enabled extensions' controls (args in order, or named)."""
+        if not request.alwayson_scripts:
+            return ()
+        if self.context.extensions is None:
+            name = next(iter(request.alwayson_scripts))
             raise HTTPException(422, f"alwayson_scripts: always on script {name!r} not found")
+        try:
+            return self.context.extensions.values_from_alwayson(request.alwayson_scripts)
+        except ParamError as error:
+            raise HTTPException(422, f"{error.field}: {error.reason}") from None
 
     def generation_params(self, request: schemas.Txt2ImgApiRequest, settings: JobSettings) -> GenerationParams:
         sampler_name = request.sampler_name or request.sampler_index
@@ -538,6 +570,8 @@ class SdapiRoutes:
             rng_source=settings.rng_source,
             emphasis=settings.emphasis,
             output_format=settings.image_format,
+            vae=settings.vae,
+            extensions=self.extension_values(request),
         )
 
     def txt2img(self, request: schemas.Txt2ImgApiRequest) -> dict[str, Any]:
@@ -592,6 +626,9 @@ class SdapiRoutes:
             written = parse_infotext(infotexts[0]).fields
             model_name = written.get("Model", model_name)
             model_hash = written.get("Model hash", model_hash)
+            vae_name, vae_hash = written.get("VAE"), written.get("VAE hash")
+        else:
+            vae_name = vae_hash = None
         sampler, _schedule = params.sampler_and_schedule()
         extra = {
             key: value
@@ -618,8 +655,8 @@ class SdapiRoutes:
             "face_restoration_model": None,
             "sd_model_name": model_name,
             "sd_model_hash": model_hash,
-            "sd_vae_name": None,
-            "sd_vae_hash": None,
+            "sd_vae_name": vae_name,
+            "sd_vae_hash": vae_hash,
             "seed_resize_from_w": request.seed_resize_from_w,
             "seed_resize_from_h": request.seed_resize_from_h,
             "denoising_strength": request.denoising_strength,
@@ -644,7 +681,7 @@ class SdapiRoutes:
         return {
             "sd_model_checkpoint": checkpoint_title(selected, loaded) if selected is not None else None,
             "sd_checkpoint_hash": (selected.sha256 if selected is not None else None) or "",
-            "sd_vae": "Automatic",
+            "sd_vae": current.sd_vae,
             "CLIP_stop_at_last_layers": current.ui_defaults.get("clip_skip", 1),
             "samples_format": current.samples_format,
             "samples_filename_pattern": current.filename_pattern,
@@ -689,13 +726,15 @@ class SdapiRoutes:
                 posted_as["preview_every_n_steps"] = key
             elif key == "preview_every_n_steps":
                 updates[key] = value
+            elif key == "sd_vae":
+                updates[key] = _choice_setting("sd_vae", value, tuple(self.vae_choices()))
             elif key == "live_previews_enable" and "show_progress_every_n_steps" not in changed:
                 if value is False:
                     updates["preview_every_n_steps"] = 0
                 elif value is True and current["preview_every_n_steps"] == 0:
                     updates["preview_every_n_steps"] = DEFAULT_PREVIEW_EVERY_N_STEPS
                 posted_as["preview_every_n_steps"] = key
-            # Other keys (sd_vae, sd_checkpoint_hash) are read-only here and ignored, as A1111 ignores unknown ones.
+            # Other keys (sd_checkpoint_hash) are read-only here and ignored, as A1111 ignores unknown ones.
         if ui_defaults:
             updates["ui_defaults"] = ui_defaults
         if updates:
@@ -879,9 +918,12 @@ def build_sdapi_router(context: ApiContext) -> APIRouter:
         ]
 
     # Lists of things this server does not have; A1111 clients read them at start-up and expect lists.
-    for empty_list_path in ("/sd-vae", "/upscalers", "/latent-upscale-modes", "/face-restorers",
-                            "/realesrgan-models", "/hypernetworks", "/prompt-styles", "/loras", "/extensions",
-                            "/script-info"):
+    @router.get("/sd-vae", response_model=list[schemas.VaeItem])
+    def sd_vae() -> list[schemas.VaeItem]:
+        return [schemas.VaeItem(model_name=name, filename=path) for name, path in context.list_vae_files()]
+
+    for empty_list_path in ("/upscalers", "/latent-upscale-modes", "/face-restorers",
+                            "/realesrgan-models", "/hypernetworks", "/prompt-styles", "/loras"):
         router.add_api_route(empty_list_path, _empty_list, methods=["GET"], name=empty_list_path.strip("/"))
 
     @router.get("/embeddings", response_model=schemas.EmbeddingsResponse)
@@ -890,7 +932,16 @@ def build_sdapi_router(context: ApiContext) -> APIRouter:
 
     @router.get("/scripts", response_model=schemas.ScriptsList)
     def scripts() -> schemas.ScriptsList:
-        return schemas.ScriptsList(txt2img=[], img2img=[])
+        titles = [entry["name"] for entry in context.extensions.script_info()] if context.extensions else []
+        return schemas.ScriptsList(txt2img=titles, img2img=[])
+
+    @router.get("/script-info")
+    def script_info() -> list[dict[str, Any]]:
+        return context.extensions.script_info() if context.extensions else []
+
+    @router.get("/extensions")
+    def extensions() -> list[dict[str, Any]]:
+        return a1111_extension_list(context.extensions) if context.extensions else []
 
     @router.get("/memory")
     def memory() -> dict[str, Any]:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from webui.app.outputs import read_infotext, write_file_atomically
+from webui.app.outputs import read_infotext
+from webui.core.files import write_file_atomically
 from webui.core.infotext import parse_infotext
 
 _LOGGER = logging.getLogger(__name__)

@@ -7,7 +7,6 @@ import datetime
 import io
 import os
 import re
-import secrets
 import string
 import threading
 import zoneinfo
@@ -21,6 +20,7 @@ import piexif.helper
 from PIL import Image, PngImagePlugin
 
 from webui.core import samplers
+from webui.core.files import write_file_atomically
 from webui.core.params import GenerationParams
 
 TXT2IMG_FOLDER = "txt2img-images"
@@ -333,32 +333,6 @@ def next_sequence_number(folder: Path) -> int:
             except ValueError:
                 continue
     return highest + 1
-
-
-def write_file_atomically(final_path: Path, data: bytes) -> None:
-    """Write `data` to `final_path` so that readers see the old file or the whole new one, never a part.
-
-    A temp file in the same folder is written and fsynced, then renamed over `final_path`; on any
-    failure the temp file is removed and the old file (if any) is untouched.
-    """
-    # The dot prefix keeps the temp name out of A1111's numbering scan and out of image listings.
-    temp_path = final_path.with_name(f".{final_path.name}.{secrets.token_hex(4)}.tmp")
-    # os.open with 0o666 lets the umask decide permissions, like a plain open() (mkstemp forces 0600).
-    descriptor = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            # Without fsync a crash right after the rename can leave an empty file under the final name.
-            os.fsync(stream.fileno())
-        os.replace(temp_path, final_path)
-    except BaseException:
-        temp_path.unlink(missing_ok=True)
-        raise
-
-
-# The name Outputs has always used internally.
-_write_atomically = write_file_atomically
 
 
 class Outputs:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from webui.app.outputs import SavedImage
 from webui.core.events import JobControl, Progress
-from webui.core.params import GenerationParams, ParamError, resolve_seed
+from webui.core.params import AUTOMATIC_VAE, GenerationParams, ParamError, resolve_seed
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class LoadCheckpointRequest:
     """Make `checkpoint` (a name inside the model folders, or its short hash) the loaded model."""
 
     checkpoint: str
+    vae: str = AUTOMATIC_VAE
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,10 +18,12 @@ from webui.app.queue import (
     UnloadCheckpointRequest,
 )
 from webui.core.events import JobControl, Progress
+from webui.core.hooks import HookPoint, Hooks, ModelLoadedContext, NoHooks
 from webui.core.params import GenerationParams, resolve_seed
 from webui.engine.generate import generate
 from webui.engine.model_manager import LoadedModel, ModelManager
 from webui.engine.model_registry import CHECKPOINT_SUFFIX
+from webui.engine.families import Family
 from webui.engine.vae import cheap_preview
 
 
@@ -41,6 +43,7 @@ class EngineRunner:
         on_saved: Callable[[SavedImage], None] | None = None,
         image_format: Callable[[], str] | None = None,
         filename_pattern: Callable[[], str] | None = None,
+        hooks: Hooks | None = None,
     ) -> None:
         self.manager = manager
         self.outputs = outputs
@@ -49,12 +52,14 @@ class EngineRunner:
         self.on_saved = on_saved
         self.image_format = image_format
         self.filename_pattern = filename_pattern
+        # The extensions' hooks (webui.app.extensions.ExtensionHost); none by default.
+        self.hooks: Hooks = hooks or NoHooks()
         # Created on the first unsaved job only; it holds files just until their submitter has read them.
         self._scratch_outputs: Outputs | None = None
 
     def __call__(self, request: JobRequest, reporter: JobReporter, control: JobControl) -> None:
         if isinstance(request, LoadCheckpointRequest):
-            self._load_checkpoint(request.checkpoint, reporter, control)
+            self._load_checkpoint(request.checkpoint, request.vae, reporter, control)
         elif isinstance(request, Txt2ImgRequest):
             self._txt2img(request.params, reporter, control, save=request.save)
         elif isinstance(request, UnloadCheckpointRequest):
@@ -63,34 +68,36 @@ class EngineRunner:
         else:
             raise TypeError(f"runner: unsupported request type {type(request).__name__}")
 
-    def loaded_checkpoint(self) -> tuple[str, str] | None:
+    def loaded_checkpoint(self) -> tuple[str, str | None] | None:
         """(name, short hash) of the loaded model, or None; safe from any thread (one attribute read)."""
         current = self.manager.current
         if current is None:
             return None
         return current.info.name, current.short_hash
 
-    def _load_checkpoint(self, checkpoint: str, reporter: JobReporter, control: JobControl) -> None:
+    def _load_checkpoint(self, checkpoint: str, vae: str, reporter: JobReporter, control: JobControl) -> None:
         if control.interrupted:
             return
         reporter.message(f"Loading checkpoint {checkpoint}")
         # No allow_outside_paths: names from requests may only reach files inside the model folders.
-        loaded = self.manager.ensure(checkpoint)
-        reporter.message(f"Loaded {loaded.info.stem} [{loaded.short_hash}]")
+        loaded = self._ensure_model(checkpoint, vae)
+        reporter.message(f"Loaded {loaded.info.stem}" + (f" [{loaded.short_hash}]" if loaded.short_hash else ""))
 
     def _txt2img(self, params: GenerationParams, reporter: JobReporter, control: JobControl, save: bool = True) -> None:
         if control.interrupted:
             return
         if self._needs_load(params.checkpoint):
             reporter.message(f"Loading checkpoint {params.checkpoint}" if params.checkpoint else "Loading checkpoint")
-        model = self.manager.ensure(params.checkpoint)
+        model = self._ensure_model(params.checkpoint, params.vae)
         outputs = self.outputs() if save else self._scratch()
         image_format = self.image_format() if self.image_format is not None else params.output_format
         pattern = self.filename_pattern() if self.filename_pattern is not None else DEFAULT_FILENAME_PATTERN
-        on_denoised = self._preview_callback(reporter, self.preview_every_n_steps())
+        on_denoised = self._preview_callback(reporter, self.preview_every_n_steps(), model.family)
         # The queue resolves -1 at submit; resolving again only matters when the runner is called directly.
         first_seed = resolve_seed(params.seed)
-        for batch in generate(model, params, first_seed, self.version, control, reporter.progress, on_denoised):
+        for batch in generate(
+            model, params, first_seed, self.version, control, reporter.progress, on_denoised, hooks=self.hooks
+        ):
             # Saved as each batch decodes, so a later failure or interrupt keeps what was already made.
             for generated in batch:
                 fields = filename_fields_for(params, generated.seed, model.info.stem, model.short_hash)
@@ -102,6 +109,14 @@ class EngineRunner:
                 if save and self.on_saved is not None:
                     self.on_saved(saved)
 
+    def _ensure_model(self, checkpoint: str | None, vae: str) -> LoadedModel:
+        """manager.ensure, then HookPoint.MODEL_LOADED when a different model came back."""
+        before = self.manager.current
+        model = self.manager.ensure(checkpoint, vae=vae)
+        if model is not before and self.hooks.has(HookPoint.MODEL_LOADED):
+            self.hooks.run(HookPoint.MODEL_LOADED, ModelLoadedContext(model.info.name, model.short_hash or "", model))
+        return model
+
     def _scratch(self) -> Outputs:
         if self._scratch_outputs is None:
             self._scratch_outputs = Outputs(Path(tempfile.mkdtemp(prefix="webui-unsaved-")))
@@ -109,7 +124,7 @@ class EngineRunner:
 
     @staticmethod
     def _preview_callback(
-        reporter: JobReporter, every_n_steps: int
+        reporter: JobReporter, every_n_steps: int, model_family: Family
     ) -> Callable[[Progress, torch.Tensor], None] | None:
         """None when previews are off, so the sampler does no preview work at all."""
         if every_n_steps <= 0:
@@ -118,7 +133,7 @@ class EngineRunner:
         def on_denoised(progress: Progress, denoised: torch.Tensor) -> None:
             # Progress steps count from 1: previews at steps N, 2N, ... as A1111's "every N steps".
             if progress.step % every_n_steps == 0:
-                reporter.preview(cheap_preview(denoised))
+                reporter.preview(cheap_preview(denoised, model_family))
 
         return on_denoised
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from webui.app.outputs import write_file_atomically
+from webui.core.files import write_file_atomically
 from webui.core.params import OUTPUT_FORMATS, GenerationParams, ParamError
 
 _LOGGER = logging.getLogger(__name__)
@@ -24,6 +24,9 @@ SAMPLES_FORMATS = OUTPUT_FORMATS
 # A1111's show_progress_every_n_steps slider tops out at the steps limit; 0 turns previews off here.
 PREVIEW_STEPS_LOW = 0
 PREVIEW_STEPS_HIGH = 150
+# A1111's slider ranges for the checkpoint cache (0-10) and checkpoints kept loaded (1-10).
+CHECKPOINT_CACHE_LOW, CHECKPOINT_CACHE_HIGH = 0, 10
+CHECKPOINTS_LIMIT_LOW, CHECKPOINTS_LIMIT_HIGH = 1, 10
 # A1111 writes config.json with json.dump(..., indent=4, ensure_ascii=False).
 JSON_INDENT = 4
 BACKUP_SUFFIX = ".bak"
@@ -57,6 +60,9 @@ SETTING_NOTES: Mapping[str, str] = MappingProxyType({
     "filename_pattern": APPLIED_NOW,
     "preview_every_n_steps": APPLIED_NOW,
     "sd_model_checkpoint": APPLIED_NOW,
+    "sd_vae": APPLIED_NOW,
+    "sd_checkpoint_cache": APPLIED_NOW,
+    "sd_checkpoints_limit": APPLIED_NOW,
     "ui_defaults": APPLIES_ON_RELOAD,
 })
 # Settings read only at start-up; none today, but a new one added here gets the restart note.
@@ -76,6 +82,10 @@ class UserSettings:
     filename_pattern: str = "[seed]"
     preview_every_n_steps: int = 10  # A1111's show_progress_every_n_steps default; 0 = live previews off
     sd_model_checkpoint: str = ""  # last chosen checkpoint (A1111's key), restored at start
+    sd_vae: str = "Automatic"  # last chosen VAE (A1111's key): Automatic, None or a file in models/VAE
+    # Checkpoints kept in RAM after being swapped out, so swapping back is a copy (A1111's key; its default is 0).
+    sd_checkpoint_cache: int = 1
+    sd_checkpoints_limit: int = 1  # checkpoints kept on the GPU at once (A1111's key and default)
     # A mapping proxy cannot be hashed, so it stays out of the generated __hash__.
     ui_defaults: Mapping[str, object] = field(default_factory=_frozen_ui_defaults, hash=False)
 
@@ -137,6 +147,21 @@ def _validate_checkpoint(value: object) -> str:
     return _text("sd_model_checkpoint", value)
 
 
+def _validate_vae(value: object) -> str:
+    text = _text("sd_vae", value).strip()
+    if not text:
+        raise ParamError("sd_vae", "must not be empty (use Automatic or None)")
+    return text
+
+
+def _validate_checkpoint_cache(value: object) -> int:
+    return _integer("sd_checkpoint_cache", value, CHECKPOINT_CACHE_LOW, CHECKPOINT_CACHE_HIGH)
+
+
+def _validate_checkpoints_limit(value: object) -> int:
+    return _integer("sd_checkpoints_limit", value, CHECKPOINTS_LIMIT_LOW, CHECKPOINTS_LIMIT_HIGH)
+
+
 def _ui_default_value(key: str, value: object) -> object:
     """One ui_defaults value type-checked and normalised; ranges are GenerationParams' business."""
     qualified = f"ui_defaults.{key}"
@@ -178,6 +203,9 @@ _VALIDATORS: Mapping[str, Callable[[object], object]] = MappingProxyType({
     "filename_pattern": _validate_filename_pattern,
     "preview_every_n_steps": _validate_preview_steps,
     "sd_model_checkpoint": _validate_checkpoint,
+    "sd_vae": _validate_vae,
+    "sd_checkpoint_cache": _validate_checkpoint_cache,
+    "sd_checkpoints_limit": _validate_checkpoints_limit,
 })
 
 

@@ -158,6 +158,8 @@ def generation_fields(
     model_name: str | None,
     model_hash: str | None,
     version: str,
+    vae_name: str | None = None,
+    vae_hash: str | None = None,
 ) -> dict[str, object | None]:
     """The parameter fields A1111's create_infotext writes for a txt2img image, in its order.
 
@@ -175,6 +177,9 @@ def generation_fields(
         "Size": f"{params.width}x{params.height}",
         "Model hash": model_hash or None,
         "Model": model_name or None,
+        # Only for an external VAE file, as A1111 writes them (its file name, with extension).
+        "VAE hash": vae_hash or None,
+        "VAE": vae_name or None,
         "Clip skip": params.clip_skip if params.clip_skip > 1 else None,
         "RNG": params.rng_source if params.rng_source != "GPU" else None,
         # A1111 records the emphasis mode only when it can matter: not the default, and brackets present.
@@ -189,9 +194,20 @@ def build_infotext(
     model_name: str | None,
     model_hash: str | None,
     version: str,
+    extra_fields: Mapping[str, str] | None = None,
+    vae_name: str | None = None,
+    vae_hash: str | None = None,
 ) -> str:
-    """The full infotext of one image: format_infotext over generation_fields."""
-    fields = generation_fields(params, seed, model_name, model_hash, version)
+    """The full infotext of one image: format_infotext over generation_fields.
+
+    `extra_fields` (extensions' fields) go before "Version", where A1111 writes extra_generation_params;
+    they never replace a field of its own.
+    """
+    fields = generation_fields(params, seed, model_name, model_hash, version, vae_name, vae_hash)
+    if extra_fields:
+        version_text = fields.pop("Version")
+        fields.update({key: value for key, value in extra_fields.items() if key not in fields})
+        fields["Version"] = version_text
     return format_infotext(params.prompt, params.negative_prompt, fields)
 
 
@@ -237,6 +253,7 @@ _PARAM_FIELDS: tuple[tuple[str, str, Callable[[str, str], object]], ...] = (
     ("RNG", "rng_source", _text_field),
     ("Emphasis", "emphasis", _text_field),
     ("Model", "checkpoint", _text_field),
+    ("VAE", "vae", _text_field),
 )
 
 

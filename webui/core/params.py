@@ -4,6 +4,7 @@ Must not import torch or anything outside the standard library."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from dataclasses import dataclass
 
@@ -15,6 +16,13 @@ RANDOM_SEED_BOUND = 4294967294
 RNG_SOURCES = ("GPU", "CPU", "NV")
 EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")
 OUTPUT_FORMATS = ("png", "jpg", "webp")
+# A1111's sd_vae choices besides a file name: a same-named .vae.safetensors beside the checkpoint
+# (else its own VAE), and always the checkpoint's own VAE.
+AUTOMATIC_VAE = "Automatic"
+NO_VAE = "None"
+# One value of an extension's control (webui.core.extension_values); scalars keep GenerationParams hashable.
+ExtensionValue = str | int | float | bool
+ExtensionValues = tuple[tuple[str, str, ExtensionValue], ...]
 
 
 class ParamError(ValueError):
@@ -77,6 +85,9 @@ class GenerationParams:
     rng_source: str = "GPU"
     emphasis: str = "Original"
     output_format: str = "png"
+    vae: str = AUTOMATIC_VAE
+    # Extensions' control values as sorted (extension, key, value) triples: named, never positional.
+    extensions: ExtensionValues = ()
 
     def replace(self, **changes: object) -> GenerationParams:
         """A copy with `changes` applied (the dataclass stays frozen)."""
@@ -100,6 +111,8 @@ class GenerationParams:
                 raise ParamError(
                     name, f"must be between {float_limit.low:g} and {float_limit.high:g}, got {value:g}"
                 )
+        if not isinstance(self.vae, str) or not self.vae.strip():
+            raise ParamError("vae", f"must be {AUTOMATIC_VAE}, {NO_VAE} or a VAE file name, got {self.vae!r}")
         for name in ("prompt", "negative_prompt"):
             text = getattr(self, name)
             if not isinstance(text, str):
@@ -113,6 +126,7 @@ class GenerationParams:
             samplers.split_sampler_and_schedule(self.sampler, self.scheduler)
         except samplers.UnknownSamplerError as error:
             raise ParamError(error.field, error.reason) from None
+        _check_extension_values(self.extensions)
         choices = {"rng_source": RNG_SOURCES, "emphasis": EMPHASIS_MODES, "output_format": OUTPUT_FORMATS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -126,6 +140,38 @@ class GenerationParams:
     @property
     def image_count(self) -> int:
         return self.batch_size * self.batch_count
+
+    def extension_values(self, extension: str) -> dict[str, ExtensionValue]:
+        """The values carried for one extension, by control key (empty when none were sent)."""
+        return {key: value for name, key, value in self.extensions if name == extension}
+
+    def with_extension_values(self, extension: str, values: dict[str, ExtensionValue]) -> GenerationParams:
+        """A copy whose values for `extension` are exactly `values`."""
+        others = [entry for entry in self.extensions if entry[0] != extension]
+        mine = [(extension, key, value) for key, value in values.items()]
+        return self.replace(extensions=tuple(sorted(others + mine, key=lambda entry: (entry[0], entry[1]))))
+
+
+def _check_extension_values(entries: object) -> None:
+    """Shape only (names, scalar types); each value's limits are its extension's declared control's business."""
+    if not isinstance(entries, tuple):
+        raise ParamError("extensions", f"must be a tuple of (extension, key, value), got {type(entries).__name__}")
+    seen: set[tuple[str, str]] = set()
+    for entry in entries:
+        well_formed = isinstance(entry, tuple) and len(entry) == 3
+        if not (well_formed and isinstance(entry[0], str) and isinstance(entry[1], str)):
+            raise ParamError("extensions", f"each entry must be (extension, key, value), got {entry!r}")
+        extension, key, value = entry
+        field = f"extensions.{extension}.{key}"
+        if not extension or not key.isidentifier():
+            raise ParamError(field, "extension and key must be names")
+        if (extension, key) in seen:
+            raise ParamError(field, "given twice")
+        seen.add((extension, key))
+        if not isinstance(value, (str, int, float, bool)):
+            raise ParamError(field, f"must be text, a number or true/false, got {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ParamError(field, f"must be a finite number, got {value!r}")
 
 
 def resolve_seed(seed: int, rng: random.Random | None = None) -> int:

@@ -10,14 +10,26 @@ import torch
 from PIL import Image
 
 from webui.core.events import JobControl, Progress
+from webui.core.hooks import (
+    BeforeGenerationContext,
+    BeforeSaveContext,
+    CfgContext,
+    ConditioningContext,
+    HookPoint,
+    Hooks,
+    ImageContext,
+    NoHooks,
+    StepContext,
+)
 from webui.core.infotext import build_infotext
 from webui.core.params import GenerationParams, ParamError, image_seeds
 from webui.core.prompt_parser import get_prompt_schedule, prompt_at_step, strip_comments
 from webui.core.samplers import resolved_schedule_label
 from webui.engine import k_sampling
-from webui.engine.conditioning import encode_prompts
+from webui.engine.conditioning import clip_skip_limit, encode_for_family, zeroes_empty_negative_prompt
 from webui.engine.model_manager import LoadedModel
 from webui.engine.rng import ImageRNG
+from webui.engine.unet_eps import UNetEps
 from webui.engine.vae import decode_latent, to_pil
 
 LATENT_CHANNELS = 4
@@ -38,30 +50,55 @@ class SamplingStopped(Exception):
 
 
 class PromptConditioning:
-    """Each distinct scheduled text of a prompt encoded once per job; picked per denoiser call."""
+    """Each distinct scheduled text of a prompt encoded once per job; picked per denoiser call.
+
+    `embeddings` holds the cross-attention context per text, `pooled` SDXL's pooled text vector per text.
+    """
 
     def __init__(
-        self, model: LoadedModel, field: str, prompt: str, steps: int, clip_skip: int, emphasis: str
+        self,
+        model: LoadedModel,
+        field: str,
+        prompt: str,
+        steps: int,
+        clip_skip: int,
+        emphasis: str,
+        *,
+        negative: bool = False,
     ) -> None:
         self.schedule = get_prompt_schedule(prompt, steps)
         self.embeddings: dict[str, torch.Tensor] = {}
+        self.pooled: dict[str, torch.Tensor] = {}
+        # A1111 (SDXL): a negative prompt that is empty at every step conditions on zeros, not on "".
+        zeroed = (
+            negative and zeroes_empty_negative_prompt(model.family) and all(text == "" for _, text in self.schedule)
+        )
         for _, text in self.schedule:
             if text in self.embeddings:
                 continue
             try:
-                encoded = encode_prompts([text], model.text_encoder, model.tokenizer, clip_skip, emphasis)
+                encoded = encode_for_family(
+                    model.family, [text], model.text_encoder, model.text_encoder_2, model.tokenizer, clip_skip, emphasis
+                )
             except ValueError as error:  # e.g. an unreadable emphasis weight "(x:1.2.3)"
                 raise ParamError(field, str(error)) from None
-            self.embeddings[text] = encoded.to(model.policy.unet_dtype)
+            if zeroed:
+                encoded = encoded.zeroed()
+            self.embeddings[text] = encoded.crossattn.to(model.policy.unet_dtype)
+            if encoded.pooled is not None:
+                self.pooled[text] = encoded.pooled.to(model.policy.unet_dtype)
 
     def at(self, denoiser_call: int) -> torch.Tensor:
         return self.embeddings[prompt_at_step(self.schedule, denoiser_call)]
 
+    def pooled_at(self, denoiser_call: int) -> torch.Tensor | None:
+        return self.pooled.get(prompt_at_step(self.schedule, denoiser_call))
+
 
 def check_params_fit_model(params: GenerationParams, model: LoadedModel) -> None:
     """Limits that depend on the loaded model rather than on A1111's UI ranges."""
-    layers = int(model.text_encoder.config.num_hidden_layers)
-    if params.clip_skip > layers:
+    layers = clip_skip_limit(model.family, model.text_encoder)
+    if layers is not None and params.clip_skip > layers:
         raise ParamError("clip_skip", f"must be at most {layers} for {model.info.stem}, got {params.clip_skip}")
 
 
@@ -71,9 +108,21 @@ def make_eps_model(
     uncond: PromptConditioning,
     cfg_scale: float,
     control: JobControl,
+    hooks: Hooks | None = None,
+    params: GenerationParams | None = None,
+    *,
+    timestep_sampler: bool,
+    image_size: tuple[int, int],
 ) -> k_sampling.EpsModel:
-    """The UNet with classifier-free guidance, prompt editing and the interrupt/skip check."""
+    """The UNet with classifier-free guidance, prompt editing and the interrupt/skip check.
+
+    `timestep_sampler` (DDIM/UniPC) and `image_size` (height, width) are what a v-prediction or SDXL UNet
+    needs to know beyond x and t.
+    """
     denoiser_calls = 0
+    unet_eps = UNetEps(model, timestep_sampler, image_size)
+    wants_cfg_hooks = hooks is not None and params is not None and hooks.has(HookPoint.CFG)
+    cfg_hooks = CfgHooks(hooks, params, model) if wants_cfg_hooks else None  # type: ignore[arg-type]
 
     def eps_model(x_in: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         nonlocal denoiser_calls
@@ -82,22 +131,78 @@ def make_eps_model(
         batch = x_in.shape[0]
         cond_embedding = cond.at(denoiser_calls).expand(batch, -1, -1)
         uncond_embedding = uncond.at(denoiser_calls).expand(batch, -1, -1)
+        cond_pooled, uncond_pooled = cond.pooled_at(denoiser_calls), uncond.pooled_at(denoiser_calls)
+        if cond_pooled is not None and uncond_pooled is not None:
+            cond_pooled, uncond_pooled = cond_pooled.expand(batch, -1), uncond_pooled.expand(batch, -1)
         denoiser_calls += 1
-        x_unet = x_in.to(model.policy.unet_dtype)
         if cond_embedding.shape[1] == uncond_embedding.shape[1]:
-            eps = model.unet(
-                torch.cat([x_unet, x_unet]),
+            both_pooled = None if cond_pooled is None else torch.cat([cond_pooled, uncond_pooled])
+            eps = unet_eps(
+                torch.cat([x_in, x_in]),
                 torch.cat([timesteps, timesteps]),
-                encoder_hidden_states=torch.cat([cond_embedding, uncond_embedding]),
-            ).sample.float()
+                torch.cat([cond_embedding, uncond_embedding]),
+                both_pooled,
+            )
             eps_cond, eps_uncond = eps.chunk(2)
         else:
             # Different token lengths (e.g. 154 vs 77): A1111 runs cond and uncond as separate batches.
-            eps_cond = model.unet(x_unet, timesteps, encoder_hidden_states=cond_embedding).sample.float()
-            eps_uncond = model.unet(x_unet, timesteps, encoder_hidden_states=uncond_embedding).sample.float()
-        return eps_uncond + cfg_scale * (eps_cond - eps_uncond)
+            eps_cond = unet_eps(x_in, timesteps, cond_embedding, cond_pooled)
+            eps_uncond = unet_eps(x_in, timesteps, uncond_embedding, uncond_pooled)
+        guided = eps_uncond + cfg_scale * (eps_cond - eps_uncond)
+        if cfg_hooks is not None:
+            guided = cfg_hooks(x_in, timesteps, eps_cond, eps_uncond, cfg_scale, guided, denoiser_calls - 1)
+        return guided
 
     return eps_model
+
+
+# -- extension hooks (webui.core.hooks): each call site below is one line in generate() ----------------------
+
+
+class CfgHooks:
+    """Runs HookPoint.CFG on one denoiser call; the noise level is derived from the UNet timestep."""
+
+    def __init__(self, hooks: Hooks, params: GenerationParams, model: LoadedModel) -> None:
+        self.hooks = hooks
+        self.params = params
+        self.schedule = k_sampling.DiscreteSchedule(model.alphas_cumprod)
+
+    def __call__(
+        self, x: torch.Tensor, timesteps: torch.Tensor, cond_pred: torch.Tensor, uncond_pred: torch.Tensor,
+        cfg_scale: float, guided: torch.Tensor, call_index: int,
+    ) -> torch.Tensor:
+        sigma = self.schedule.t_to_sigma(timesteps.to(self.schedule.sigmas.device, torch.float32)).to(x.device)
+        context = CfgContext(self.params, x, sigma, cond_pred, uncond_pred, cfg_scale, guided, call_index)
+        self.hooks.run(HookPoint.CFG, context)
+        if not isinstance(context.guided, torch.Tensor) or context.guided.shape != guided.shape:
+            return guided  # a hook that broke the tensor is ignored rather than failing the job
+        return context.guided
+
+
+def run_before_generation(
+    hooks: Hooks, params: GenerationParams, seed: int
+) -> tuple[GenerationParams, dict[str, str]]:
+    """HookPoint.BEFORE_GENERATION: the (possibly rewritten, re-validated) params and the job's infotext fields."""
+    if not hooks.has(HookPoint.BEFORE_GENERATION):
+        return params, {}
+    context = BeforeGenerationContext(params, seed)
+    hooks.run(HookPoint.BEFORE_GENERATION, context)
+    return context.params.validated(), dict(context.infotext_fields)
+
+
+def run_image_hooks(
+    hooks: Hooks, params: GenerationParams, seed: int, image: Image.Image, job_fields: dict[str, str]
+) -> tuple[Image.Image, dict[str, str]]:
+    """HookPoint.IMAGE then HookPoint.BEFORE_SAVE for one decoded image: the image and its extra infotext fields."""
+    if hooks.has(HookPoint.IMAGE):
+        image_context = ImageContext(params, seed, image)
+        hooks.run(HookPoint.IMAGE, image_context)
+        if isinstance(image_context.image, Image.Image):
+            image = image_context.image
+    fields = dict(job_fields)
+    if hooks.has(HookPoint.BEFORE_SAVE):
+        hooks.run(HookPoint.BEFORE_SAVE, BeforeSaveContext(params, seed, image, fields))
+    return image, fields
 
 
 def generate(
@@ -108,12 +213,15 @@ def generate(
     control: JobControl | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     on_denoised: Callable[[Progress, torch.Tensor], None] | None = None,
+    hooks: Hooks | None = None,
 ) -> Iterator[list[GeneratedImage]]:
     """Yield each batch's images as soon as they are decoded; stop early on interrupt, skip a batch on skip.
 
-    `on_denoised` gets each step's x0 prediction (the batch's latents) for live previews.
+    `on_denoised` gets each step's x0 prediction (the batch's latents) for live previews. `hooks` are the
+    extensions' hook points (webui.core.hooks); none by default.
     """
-    params = params.validated()
+    hooks = hooks or NoHooks()
+    params, job_infotext_fields = run_before_generation(hooks, params.validated(), first_seed)
     check_params_fit_model(params, model)
     control = control or JobControl()
     sampler, schedule = params.sampler_and_schedule()
@@ -131,7 +239,9 @@ def generate(
     with torch.inference_mode():
         encode_options = (schedule_steps, params.clip_skip, params.emphasis)
         cond = PromptConditioning(model, "prompt", prompt, *encode_options)
-        uncond = PromptConditioning(model, "negative_prompt", negative_prompt, *encode_options)
+        uncond = PromptConditioning(model, "negative_prompt", negative_prompt, *encode_options, negative=True)
+        if hooks.has(HookPoint.CONDITIONING):
+            hooks.run(HookPoint.CONDITIONING, ConditioningContext(params, cond.embeddings, uncond.embeddings))
         for batch_index in range(params.batch_count):
             if control.interrupted:
                 return
@@ -145,8 +255,14 @@ def generate(
                     on_progress(progress)
                 if on_denoised is not None:
                     on_denoised(progress, step.denoised)
+                if hooks.has(HookPoint.STEP):
+                    step_context = StepContext(params, step.step, step.total_steps, step.x, step.denoised, step.sigma)
+                    hooks.run(HookPoint.STEP, step_context)
 
-            eps_model = make_eps_model(model, cond, uncond, params.cfg_scale, control)
+            eps_model = make_eps_model(
+                model, cond, uncond, params.cfg_scale, control, hooks, params,
+                timestep_sampler=sampler.timestep_sampler, image_size=(params.height, params.width),
+            )
             try:
                 latents = k_sampling.sample(
                     sampler, schedule_label, params.steps, eps_model, model.alphas_cumprod.to(device),
@@ -159,6 +275,10 @@ def generate(
             images: list[GeneratedImage] = []
             for index, seed in enumerate(batch_seeds):
                 pixels = decode_latent(model.vae, latents[index : index + 1], model.vae_scaling_factor)
-                infotext = build_infotext(written_params, seed, model.info.stem, model.short_hash, version)
-                images.append(GeneratedImage(to_pil(pixels), seed, infotext))
+                image, extra_fields = run_image_hooks(hooks, params, seed, to_pil(pixels), job_infotext_fields)
+                infotext = build_infotext(
+                    written_params, seed, model.info.stem, model.short_hash, version, extra_fields,
+                    vae_name=model.vae_name, vae_hash=model.vae_hash,
+                )
+                images.append(GeneratedImage(image, seed, infotext))
             yield images

@@ -9,7 +9,10 @@ from typing import Any
 import gradio as gr
 
 from webui.ui.context import UiContext
+from webui.ui.extension_ui import build_extension_tabs
+from webui.ui.extensions_tab import build_extensions_tab, wire_extensions_tab
 from webui.ui.gallery_tab import build_gallery_tab, wire_gallery
+from webui.ui.model_download_panel import build_download_panel, wire_download_panel
 from webui.ui.pnginfo_tab import build_pnginfo_tab, wire_pnginfo
 from webui.ui.settings_tab import build_settings_tab, settings_components, settings_values, wire_settings
 from webui.ui.txt2img import (
@@ -32,6 +35,9 @@ CSS = """
 .webui-progress.failed { border-color: var(--error-border-color, #e11); }
 .webui-progress-text { position: relative; padding: 0 0.6em; line-height: 1.8em; }
 #txt2img_token_counter, #txt2img_neg_token_counter { text-align: right; font-size: 0.85em; opacity: 0.8; }
+.ext-table { width: 100%; border-collapse: collapse; font-size: 0.9em; }
+.ext-table th, .ext-table td { border-bottom: 1px solid var(--border-color-primary); padding: 0.3em 0.5em; text-align: left; }
+.ext-table tr.ext-failed td { color: var(--error-text-color, #c00); }
 """
 
 # Ctrl/Cmd+Enter in a prompt box generates, as in A1111.
@@ -63,6 +69,7 @@ def theme_head(theme: str | None) -> str:
 def build_ui(ctx: UiContext) -> gr.Blocks:
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         top = build_top_bar(ctx)
+        download_panel = build_download_panel(ctx)
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("txt2img", id="txt2img", elem_id="tab_txt2img"):
                 txt2img = build_txt2img_tab(ctx)
@@ -70,18 +77,25 @@ def build_ui(ctx: UiContext) -> gr.Blocks:
                 gallery = build_gallery_tab()
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 pnginfo = build_pnginfo_tab()
+            build_extension_tabs(ctx.extensions)
             with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
                 settings = build_settings_tab(ctx)
+            with gr.Tab("Extensions", id="extensions", elem_id="tab_extensions") as extensions_item:
+                extensions = build_extensions_tab(ctx)
         wire_txt2img(ctx, top, txt2img)
         wire_gallery(ctx, gallery, top, txt2img, tabs, gallery_item)
         wire_pnginfo(ctx, pnginfo, top, txt2img, tabs)
         wire_settings(ctx, settings)
+        wire_extensions_tab(ctx, demo, extensions, extensions_item)
+        wire_download_panel(ctx, demo, download_panel, top)
         remember_controls(ctx, demo, remembered_components(top, txt2img))
         demo.load(lambda: loaded_status(ctx), outputs=top.status, api_name=False)
         demo.load(settings_values(ctx), outputs=settings_components(settings), api_name=False)
         # Another browser may swap the checkpoint, and start-up loads one in the background.
         gr.Timer(STATUS_REFRESH_SECONDS).tick(lambda: loaded_status(ctx), outputs=top.status,
                                                show_progress="hidden", api_name=False, queue=False)
+    if ctx.extensions is not None:
+        ctx.extensions.mark_ui_built()
     return demo
 
 

@@ -7,7 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from webui.app.extensions import ExtensionHost
 from webui.app.gallery import GalleryIndex
+from webui.app.model_download import BackgroundDownload
 from webui.app.queue import GenerationQueue
 from webui.app.settings_store import SettingsStore
 from webui.app.token_counter import TokenCounter
@@ -22,6 +24,14 @@ class UiContext:
     gallery: GalleryIndex
     token_counter: TokenCounter
     list_checkpoints: Callable[[], list[str]]
-    loaded_checkpoint: Callable[[], tuple[str, str] | None]
+    loaded_checkpoint: Callable[[], tuple[str, str | None] | None]
     where_to_put_checkpoints: str
     outputs_root: Callable[[], Path]
+    # Automatic, None, then the files in the VAE folders (A1111's sd_vae choices).
+    list_vaes: Callable[[], list[str]]
+    # The default-model download offered while no checkpoint exists; None with --no-download-sd-model.
+    model_download: BackgroundDownload | None = None
+    # The extension host (sections, tabs, settings, the Extensions tab); None: no extensions at all.
+    extensions: ExtensionHost | None = None
+    # "Reload UI": restarts the server process and answers a message for the user; None where it cannot.
+    restart: Callable[[], str] | None = None

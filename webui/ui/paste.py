@@ -3,7 +3,7 @@ Pure functions over webui.core; must not import gradio, torch or the engine."""
 
 from __future__ import annotations
 
-from webui.core.infotext import parse_infotext, params_from_infotext
+from webui.core.infotext import InfotextFields, parse_infotext, params_from_infotext
 from webui.core.params import ParamError
 from webui.core.samplers import UnknownSamplerError, split_sampler_and_schedule
 
@@ -17,7 +17,12 @@ PASTED_FIELDS = (
 def values_from_infotext(infotext: str) -> tuple[dict[str, object], str | None]:
     """Control values found in an infotext (missing keys are left out, so those controls keep their
     value, as A1111's paste does) and the checkpoint stem it names, if any."""
-    kwargs = params_from_infotext(parse_infotext(infotext))
+    return values_from_parsed(parse_infotext(infotext))
+
+
+def values_from_parsed(parsed: InfotextFields) -> tuple[dict[str, object], str | None]:
+    """values_from_infotext for an infotext already parsed (and possibly rewritten by extensions)."""
+    kwargs = params_from_infotext(parsed)
     values = {name: kwargs[name] for name in PASTED_FIELDS if name in kwargs}
     if "sampler" in values:
         try:

@@ -4,14 +4,21 @@ Must not import torch or the engine; values are validated and stored by webui.ap
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
 
 from webui.core import samplers
+from webui.app.settings_store import (
+    CHECKPOINT_CACHE_HIGH,
+    CHECKPOINT_CACHE_LOW,
+    CHECKPOINTS_LIMIT_HIGH,
+    CHECKPOINTS_LIMIT_LOW,
+)
 from webui.core.params import OUTPUT_FORMATS, ParamError
 from webui.ui.context import UiContext
+from webui.ui.extension_ui import build_extension_settings, save_extension_settings
 
 
 @dataclass
@@ -29,6 +36,12 @@ class SettingsTab:
     default_negative_prompt: gr.Textbox
     apply: gr.Button
     result: gr.Markdown
+    # Enabled extensions' settings (declared controls, stored by the extension host) and where their save reports.
+    extension_settings: list[Any] = field(default_factory=list)
+    extension_result: gr.Markdown | None = None
+    checkpoint_cache: gr.Slider | None = None
+    checkpoints_limit: gr.Slider | None = None
+    model_result: gr.Markdown | None = None
 
 
 def build_settings_tab(ctx: UiContext) -> SettingsTab:
@@ -64,11 +77,26 @@ def build_settings_tab(ctx: UiContext) -> SettingsTab:
                                    elem_id="settings_default_height")
     default_negative_prompt = gr.Textbox(label="Negative prompt", value=str(defaults.get("negative_prompt", "")),
                                          elem_id="settings_default_negative_prompt")
+    gr.Markdown("### Stable Diffusion")
+    with gr.Row():
+        checkpoint_cache = gr.Slider(
+            CHECKPOINT_CACHE_LOW, CHECKPOINT_CACHE_HIGH, step=1, value=current.sd_checkpoint_cache,
+            label="Checkpoints to cache in RAM (swapping back to one is a copy, not a file read)",
+            elem_id="settings_checkpoint_cache",
+        )
+        checkpoints_limit = gr.Slider(
+            CHECKPOINTS_LIMIT_LOW, CHECKPOINTS_LIMIT_HIGH, step=1, value=current.sd_checkpoints_limit,
+            label="Checkpoints kept on the GPU at the same time", elem_id="settings_checkpoints_limit",
+        )
+    extension_settings = build_extension_settings(ctx.extensions)
     apply = gr.Button("Apply settings", variant="primary", elem_id="settings_apply")
     result = gr.Markdown(elem_id="settings_result")
+    extension_result = gr.Markdown(elem_id="settings_extensions_result")
+    model_result = gr.Markdown(elem_id="settings_model_result")
     return SettingsTab(outdir, samples_format, filename_pattern, preview_every, default_steps, default_cfg_scale,
                        default_sampler, default_scheduler, default_width, default_height, default_negative_prompt,
-                       apply, result)
+                       apply, result, extension_settings, extension_result, checkpoint_cache, checkpoints_limit,
+                       model_result)
 
 
 def settings_components(tab: SettingsTab) -> list[gr.components.Component]:
@@ -106,3 +134,27 @@ def wire_settings(ctx: UiContext, tab: SettingsTab) -> None:
         return "  \n".join(notes)
 
     tab.apply.click(apply, inputs=settings_components(tab), outputs=tab.result, api_name=False)
+
+    def apply_model_settings(cache: float, limit: float) -> str:
+        try:
+            _, notes = ctx.settings.update({"sd_checkpoint_cache": int(cache), "sd_checkpoints_limit": int(limit)})
+        except ParamError as error:
+            return f"**Not saved.** {error}"
+        # The main Apply handler already reports "Saved." or "Nothing to save"; only what changed here is added.
+        return "  \n".join(note for note in notes if note.startswith("sd_checkpoint"))
+
+    if tab.checkpoint_cache is not None and tab.checkpoints_limit is not None and tab.model_result is not None:
+        tab.apply.click(apply_model_settings, inputs=[tab.checkpoint_cache, tab.checkpoints_limit],
+                        outputs=tab.model_result, api_name=False)
+
+    extension_inputs = [component for _, components in tab.extension_settings for component in components]
+    if extension_inputs and tab.extension_result is not None:
+        def apply_extension_settings(*values: Any) -> str:
+            try:
+                save_extension_settings(ctx.extensions, tab.extension_settings, values)
+            except ParamError as error:
+                return f"**Extension settings not saved.** {error}"
+            return "Extension settings saved (applied now)."
+
+        tab.apply.click(apply_extension_settings, inputs=extension_inputs, outputs=tab.extension_result,
+                        api_name=False)

@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import html
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
 
 from webui.app.queue import JobSnapshot, JobState, LoadCheckpointRequest, Txt2ImgRequest
 from webui.core import samplers
-from webui.core.params import INT_LIMITS, GenerationParams, ParamError
+from webui.core.params import AUTOMATIC_VAE, INT_LIMITS, GenerationParams, ParamError
 from webui.ui.context import UiContext
-from webui.ui.paste import checkpoint_choice, values_from_infotext
+from webui.core.infotext import InfotextFields, parse_infotext
+from webui.ui.extension_ui import (
+    build_txt2img_sections,
+    extension_values_from_controls,
+    params_with_extensions,
+    pasted_extension_values,
+)
+from webui.ui.paste import checkpoint_choice, values_from_infotext, values_from_parsed
 
-VAE_CHOICES = ["Automatic"]
 # Controls kept in the browser's localStorage (they survive a refresh and a server restart), in this order.
 REMEMBERED_CONTROLS = (
     "prompt", "negative_prompt", "sampler", "scheduler", "steps", "cfg_scale",
@@ -65,6 +71,8 @@ class Txt2ImgTab:
     job_id: gr.State
     results: gr.State
     selected: gr.State
+    # Extensions' section controls, by value name "extensions.<extension>.<key>".
+    extension_controls: dict[str, gr.components.Component] = field(default_factory=dict)
 
 
 def pasteable_controls(top: TopBar, tab: Txt2ImgTab) -> dict[str, gr.components.Component]:
@@ -72,7 +80,7 @@ def pasteable_controls(top: TopBar, tab: Txt2ImgTab) -> dict[str, gr.components.
     return {
         "prompt": tab.prompt, "negative_prompt": tab.negative_prompt, "sampler": tab.sampler,
         "scheduler": tab.scheduler, "steps": tab.steps, "cfg_scale": tab.cfg_scale, "width": tab.width,
-        "height": tab.height, "seed": tab.seed, "clip_skip": top.clip_skip,
+        "height": tab.height, "seed": tab.seed, "clip_skip": top.clip_skip, **tab.extension_controls,
     }
 
 
@@ -98,7 +106,8 @@ def to_params(values: Mapping[str, Any]) -> GenerationParams:
             value = float(value) if value is not None else 7.0
         fields[name] = value if value is not None else ""
     checkpoint = values.get("checkpoint") or None
-    return GenerationParams(checkpoint=checkpoint, **fields).validated()
+    vae = values.get("vae") or AUTOMATIC_VAE
+    return GenerationParams(checkpoint=checkpoint, vae=vae, **fields).validated()
 
 
 def render_progress(snapshot: JobSnapshot) -> str:
@@ -141,7 +150,10 @@ def build_top_bar(ctx: UiContext) -> TopBar:
             scale=4, allow_custom_value=False,
         )
         refresh = gr.Button("↻", elem_id="ckpt_refresh", scale=0, min_width=48)
-        vae = gr.Dropdown(choices=VAE_CHOICES, value=VAE_CHOICES[0], label="SD VAE", elem_id="vae_dropdown", scale=2)
+        vae_choices = ctx.list_vaes()
+        saved_vae = ctx.settings.current.sd_vae
+        vae = gr.Dropdown(choices=vae_choices, value=saved_vae if saved_vae in vae_choices else vae_choices[0],
+                          label="SD VAE", elem_id="vae_dropdown", scale=2)
         clip_skip = gr.Slider(
             minimum=1, maximum=12, step=1, value=current_default(ctx, "clip_skip", 1),
             label="Clip skip", elem_id="clip_skip", scale=2,
@@ -202,6 +214,7 @@ def build_txt2img_tab(ctx: UiContext) -> Txt2ImgTab:
                 seed = gr.Number(value=-1, precision=0, label="Seed", elem_id="txt2img_seed", scale=4)
                 random_seed = gr.Button("⚄", elem_id="txt2img_random_seed", scale=0, min_width=48)
                 reuse_seed = gr.Button("♻️", elem_id="txt2img_reuse_seed", scale=0, min_width=48)
+            extension_controls = build_txt2img_sections(ctx.extensions)
         with gr.Column(scale=1):
             progress = gr.HTML(progress_html(0.0, "Idle"), elem_id="txt2img_progress")
             preview = gr.Image(label="Live preview", elem_id="txt2img_preview", type="pil", interactive=False,
@@ -217,7 +230,7 @@ def build_txt2img_tab(ctx: UiContext) -> Txt2ImgTab:
         prompt, negative_prompt, prompt_counter, negative_counter, generate, interrupt, skip, sampler, scheduler,
         steps, cfg_scale, width, height, swap_size, seed, random_seed, reuse_seed, batch_count, batch_size,
         progress, preview, gallery, infotext, send_to_txt2img, download,
-        job_id=gr.State(None), results=gr.State([]), selected=gr.State(0),
+        job_id=gr.State(None), results=gr.State([]), selected=gr.State(0), extension_controls=extension_controls,
     )
 
 
@@ -225,8 +238,16 @@ def paste_updates(
     ctx: UiContext, infotext: str, controls: Mapping[str, gr.components.Component], checkpoint: gr.Dropdown | None
 ) -> dict[gr.components.Component, Any]:
     """Gradio updates that fill the controls from an infotext (and pick its checkpoint if we have it)."""
-    values, stem = values_from_infotext(infotext)
-    updates: dict[gr.components.Component, Any] = {controls[name]: value for name, value in values.items()}
+    parsed = parse_infotext(infotext)
+    if ctx.extensions is not None:
+        # Extensions may rewrite what is pasted (wildcards puts its template back into the prompt).
+        pasted = ctx.extensions.pasted(parsed.prompt, parsed.negative_prompt, parsed.fields)
+        parsed = InfotextFields(pasted.prompt, pasted.negative_prompt, pasted.fields)
+    values, stem = values_from_parsed(parsed)
+    values.update(pasted_extension_values(ctx.extensions, parsed.fields))
+    updates: dict[gr.components.Component, Any] = {
+        controls[name]: value for name, value in values.items() if name in controls
+    }
     if checkpoint is not None:
         choice = checkpoint_choice(stem, ctx.list_checkpoints())
         if choice is not None:
@@ -239,11 +260,12 @@ def wire_txt2img(ctx: UiContext, top: TopBar, tab: Txt2ImgTab) -> None:
     controls = pasteable_controls(top, tab)
     generation_inputs = [
         tab.prompt, tab.negative_prompt, tab.sampler, tab.scheduler, tab.steps, tab.cfg_scale, tab.width,
-        tab.height, tab.seed, tab.batch_count, tab.batch_size, top.clip_skip, top.checkpoint,
+        tab.height, tab.seed, tab.batch_count, tab.batch_size, top.clip_skip, top.checkpoint, top.vae,
+        *tab.extension_controls.values(),
     ]
     generation_names = (
         "prompt", "negative_prompt", "sampler", "scheduler", "steps", "cfg_scale", "width", "height", "seed",
-        "batch_count", "batch_size", "clip_skip", "checkpoint",
+        "batch_count", "batch_size", "clip_skip", "checkpoint", "vae",
     )
     result_outputs = [tab.job_id, tab.progress, tab.preview, tab.gallery, tab.results, tab.infotext,
                       tab.download, tab.selected]
@@ -251,12 +273,14 @@ def wire_txt2img(ctx: UiContext, top: TopBar, tab: Txt2ImgTab) -> None:
     def generate(
         prompt: str, negative_prompt: str, sampler: str, scheduler: str, steps: float, cfg_scale: float,
         width: float, height: float, seed: float, batch_count: float, batch_size: float, clip_skip: float,
-        checkpoint: str | None, request: gr.Request,
+        checkpoint: str | None, vae: str | None, request: gr.Request, *extension_values: Any,
     ) -> Iterator[dict[Any, Any]]:
         values = (prompt, negative_prompt, sampler, scheduler, steps, cfg_scale, width, height, seed,
-                  batch_count, batch_size, clip_skip, checkpoint)
+                  batch_count, batch_size, clip_skip, checkpoint, vae)
         try:
             params = to_params(dict(zip(generation_names, values, strict=True)))
+            named = dict(zip(tab.extension_controls, extension_values, strict=True))
+            params = params_with_extensions(params, extension_values_from_controls(ctx.extensions, named))
             job_id = ctx.queue.submit(Txt2ImgRequest(params), owner=request.session_hash if request else None)
         except (ParamError, ValueError) as error:
             yield {tab.progress: progress_html(0.0, f"Error: {error}", failed=True)}
@@ -363,7 +387,8 @@ def loaded_status(ctx: UiContext) -> str:
     if loaded is not None:
         name, short_hash = loaded
         stem = name.rsplit("/", 1)[-1].removesuffix(".safetensors")
-        return f"Loaded {stem} [{short_hash}]"
+        # The hash is computed in the background after a load: until then only the name is shown.
+        return f"Loaded {stem} [{short_hash}]" if short_hash else f"Loaded {stem}"
     if not ctx.list_checkpoints():
         return f"No checkpoint found: {ctx.where_to_put_checkpoints}, then press ↻."
     return "No model loaded yet: the selected checkpoint loads with the first generation."
@@ -406,3 +431,19 @@ def wire_checkpoint(ctx: UiContext, top: TopBar) -> None:
     top.refresh.click(refresh, inputs=top.checkpoint, outputs=top.checkpoint, api_name=False).then(
         lambda: loaded_status(ctx), outputs=top.status, api_name=False
     )
+
+    def refresh_vaes(current: str | None) -> Any:
+        choices = ctx.list_vaes()
+        return gr.update(choices=choices, value=current if current in choices else choices[0])
+
+    top.refresh.click(refresh_vaes, inputs=top.vae, outputs=top.vae, api_name=False)
+
+    def remember_vae(name: str | None) -> str:
+        # The VAE loads with the next generation, which carries the choice in its parameters.
+        try:
+            ctx.settings.update({"sd_vae": name or AUTOMATIC_VAE})
+        except ParamError as error:
+            return f"VAE not saved: {error}"
+        return f"VAE {name} is used from the next generation on."
+
+    top.vae.input(remember_vae, inputs=top.vae, outputs=top.status, api_name=False)
