@@ -1,7 +1,7 @@
 """Benchmark: checkpoint cold load, swap-back from the RAM cache and peak RAM, against reading the file and
 against diffusers' from_single_file on the same full-size random-weight checkpoints. Never used as a test.
 
-Each measurement runs in a fresh child process, so peak RSS (ru_maxrss) belongs to that measurement alone.
+Each measurement runs in a fresh child process; peak RSS is VmHWM, reset just before the load starts.
 Usage: python bench/swap.py [--workdir DIR] [--sdxl] [--device cpu|cuda]
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -26,8 +25,18 @@ def rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def reset_peak_rss() -> None:
+    """Start the peak-RSS count (VmHWM) afresh: ru_maxrss would carry the parent's peak across fork and exec."""
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
+        clear_refs.write("5")
+
+
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 # ---- child measurements (run with: python bench/swap.py --child KIND ARGS_JSON) ---------------------------
@@ -63,6 +72,7 @@ def child_ours(args: dict) -> dict:
     from transformers import CLIPTextModel  # noqa: F401
 
     baseline = rss_bytes()
+    reset_peak_rss()
     started = time.perf_counter()
     model = manager.ensure(Path(args["a"]).name)
     if model.policy.device.type == "cuda":
@@ -97,6 +107,7 @@ def child_diffusers(args: dict) -> dict:
     pipeline_class = StableDiffusionXLPipeline if family.key == "sdxl" else StableDiffusionPipeline
     dtype = torch.float16 if args["device"] == "cuda" else torch.float32
     baseline = rss_bytes()
+    reset_peak_rss()
     started = time.perf_counter()
     extra = {} if family.key == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
     pipeline = pipeline_class.from_single_file(
