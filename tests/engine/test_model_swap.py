@@ -248,3 +248,21 @@ def test_a_damaged_hash_cache_is_ignored(data_dir: Path) -> None:
     info = registry.resolve("tiny")
     assert registry.short_hash(info) == sha256_of_file(info.path)[:10]
     assert '"version": 1' in cache_file.read_text()
+
+
+def test_two_models_on_the_device_keep_their_own_weights(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = ReadCounter(monkeypatch)
+    hasher = FileHasher(data_dir / "cache" / "model-hashes.json")
+    registry = ModelRegistry([data_dir / "models" / "Stable-diffusion"], hasher)
+    manager = ModelManager(registry, choose_device_policy(force_cpu=True), VaeRegistry([], hasher),
+                           models_on_device=lambda: 2)
+    model_a = manager.ensure("tiny")
+    image_a = picture_bytes(model_a)[0]
+    model_b = manager.ensure("tiny_b")
+    assert model_b.unet is not model_a.unet, "a model that stays loaded must not lend its modules"
+    image_b = picture_bytes(model_b)[0]
+    assert image_b != image_a
+    assert picture_bytes(manager.ensure("tiny"))[0] == image_a
+    assert picture_bytes(manager.ensure("tiny_b"))[0] == image_b
+    assert reads.names == ["tiny.safetensors", "tiny_b.safetensors"]
+    assert [info.name for info in manager.resident()] == ["tiny.safetensors", "tiny_b.safetensors"]

@@ -316,8 +316,12 @@ class ModelManager:
         is put back and the error raised.
         """
         evicted: tuple[FileKey, LoadedModel, CachedWeights] | None = None
-        if len(self._resident) >= max(1, self.models_on_device()):
-            key, victim = next(iter(self._resident.items()))
+        victim = next(iter(self._resident.values())) if len(self._resident) >= max(1, self.models_on_device()) else None
+        if any(model.components is skeleton for model in self._resident.values() if model is not victim):
+            # Those modules belong to a model that stays on the device: the new one needs its own.
+            skeleton = build_components(cached.family, cached.config_dir)
+        if victim is not None:
+            key = file_key(victim.info)
             evicted = (key, victim, self._to_ram(victim))
             del self._resident[key]
             if victim.components is not skeleton:
