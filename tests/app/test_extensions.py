@@ -20,7 +20,6 @@ from tests.fixtures.extension_repos import (
     git,
     make_repo,
     manifest,
-    repo_from_shipped,
     stamp_extension,
 )
 from webui.app.extensions import (

@@ -469,3 +469,26 @@ def test_settings_change_the_saved_file_format(page: Page, webui: WebuiServer) -
         choose(page, "settings_format", "png")
         button(page, "settings_apply").click()
         wait_for_text(page, "settings_result", r"Saved\.")
+
+
+def test_vae_dropdown_lists_vae_files_and_the_choice_reaches_the_image(page: Page, webui: WebuiServer) -> None:
+    from tests.fixtures.vae_files import build_tiny_vae_file
+
+    vae_file = build_tiny_vae_file(webui.data_dir / "models" / "VAE" / "tiny-ft.safetensors", seed=7)
+    ensure_checkpoint(page, "tiny")
+    fill_text(page, "txt2img_prompt", "a paper boat")
+    set_small_job(page, steps=2)
+    try:
+        button(page, "ckpt_refresh").click()
+        choose(page, "vae_dropdown", "tiny-ft.safetensors")
+        wait_for_text(page, "ckpt_status", r"VAE tiny-ft\.safetensors is used from the next generation on", JOB_TIMEOUT_MS)
+        infotext = generate_and_wait(page)
+        assert re.search(r"\bVAE: tiny-ft\.safetensors(,|$)", infotext), infotext
+        # The choice is remembered (A1111's sd_vae) for pages opened later.
+        reload_ui(page)
+        expect(dropdown_input(page, "vae_dropdown")).to_have_value("tiny-ft.safetensors")
+    finally:
+        choose(page, "vae_dropdown", "Automatic")
+        wait_for_text(page, "ckpt_status", r"VAE Automatic is used", JOB_TIMEOUT_MS)
+        vae_file.unlink()
+    assert "VAE:" not in generate_and_wait(page)

@@ -21,6 +21,7 @@ from webui.ui.txt2img import (
     build_txt2img_tab,
     loaded_status,
     remembered_components,
+    vae_dropdown_now,
     wire_txt2img,
 )
 
@@ -90,6 +91,7 @@ def build_ui(ctx: UiContext) -> gr.Blocks:
         wire_download_panel(ctx, demo, download_panel, top)
         remember_controls(ctx, demo, remembered_components(top, txt2img))
         demo.load(lambda: loaded_status(ctx), outputs=top.status, api_name=False)
+        demo.load(vae_dropdown_now(ctx), outputs=top.vae, api_name=False)
         demo.load(settings_values(ctx), outputs=settings_components(settings), api_name=False)
         # Another browser may swap the checkpoint, and start-up loads one in the background.
         gr.Timer(STATUS_REFRESH_SECONDS).tick(lambda: loaded_status(ctx), outputs=top.status,

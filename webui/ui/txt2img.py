@@ -257,7 +257,6 @@ def paste_updates(
 
 def wire_txt2img(ctx: UiContext, top: TopBar, tab: Txt2ImgTab) -> None:
     """Events of the top bar and the txt2img tab."""
-    controls = pasteable_controls(top, tab)
     generation_inputs = [
         tab.prompt, tab.negative_prompt, tab.sampler, tab.scheduler, tab.steps, tab.cfg_scale, tab.width,
         tab.height, tab.seed, tab.batch_count, tab.batch_size, top.clip_skip, top.checkpoint, top.vae,
@@ -416,6 +415,17 @@ def request_checkpoint_swap(ctx: UiContext) -> Callable[..., Iterator[str]]:
             yield snapshot.message
 
     return swap
+
+
+def vae_dropdown_now(ctx: UiContext) -> Callable[[], Any]:
+    """The VAE files and the saved choice at page load: both may have changed since the page was built."""
+
+    def update() -> Any:
+        choices = ctx.list_vaes()
+        saved = ctx.settings.current.sd_vae
+        return gr.update(choices=choices, value=saved if saved in choices else choices[0])
+
+    return update
 
 
 def wire_checkpoint(ctx: UiContext, top: TopBar) -> None:
