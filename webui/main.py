@@ -59,10 +59,6 @@ def model_folders(args: argparse.Namespace) -> ModelFolders:
     return find_model_folders(args.data_dir, args.ckpt_dir, args.vae_dir, args.lora_dir, args.embeddings_dir)
 
 
-def checkpoint_folders(args: argparse.Namespace) -> list[Path]:
-    return model_folders(args).checkpoints
-
-
 def build_registries(args: argparse.Namespace) -> tuple[ModelRegistry, VaeRegistry]:
     """Checkpoints and VAE files, sharing one hash cache file so each file is hashed once across restarts."""
     from webui.engine.model_registry import FileHasher, ModelRegistry, VaeRegistry
@@ -417,8 +413,8 @@ def run_app(args: argparse.Namespace) -> int:
 
     credentials = parse_credentials(args)
     default_model = None if args.no_download_sd_model else default_model_spec(args)
-    download_folder = checkpoint_folders(args)[0]
     registry, vae_registry = build_registries(args)
+    download_folder = registry.folders[0]
     if not registry.scan():
         print(f"No checkpoint found: {registry.where_to_put_checkpoints()}. The UI starts anyway.", flush=True)
         if default_model is not None:

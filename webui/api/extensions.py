@@ -71,11 +71,7 @@ class IndexItem(BaseModel):
 
 
 def item_of(info: ExtensionInfo) -> ExtensionItem:
-    return ExtensionItem(
-        name=info.name, title=info.title, version=info.version, description=info.description, builtin=info.builtin,
-        enabled=info.enabled, status=info.status, error=info.error, traceback=info.traceback, remote=info.remote,
-        branch=info.branch, commit=info.commit, commit_date=info.commit_date, requires=list(info.requires),
-    )
+    return ExtensionItem.model_validate(info, from_attributes=True)
 
 
 def _unix_time(iso: str) -> int:

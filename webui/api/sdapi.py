@@ -516,9 +516,10 @@ class SdapiRoutes:
                 "override_settings.samples_format", overrides["samples_format"], (*OUTPUT_FORMATS, "jpeg")
             )
             image_format = _normalised_format(image_format)
-        vae = current.sd_vae if current.sd_vae in self.vae_choices() else AUTOMATIC_VAE
+        vae_choices = tuple(self.vae_choices())
+        vae = current.sd_vae if current.sd_vae in vae_choices else AUTOMATIC_VAE
         if "sd_vae" in overrides:
-            vae = _choice_setting("override_settings.sd_vae", overrides["sd_vae"], tuple(self.vae_choices()))
+            vae = _choice_setting("override_settings.sd_vae", overrides["sd_vae"], vae_choices)
         return JobSettings(checkpoint, listing, clip_skip, rng_source, emphasis, image_format, vae)
 
     def vae_choices(self) -> list[str]:

@@ -20,10 +20,10 @@ from webui.app.queue import (
 from webui.core.events import JobControl, Progress
 from webui.core.hooks import HookPoint, Hooks, ModelLoadedContext, NoHooks
 from webui.core.params import GenerationParams, resolve_seed
+from webui.engine.families import Family
 from webui.engine.generate import generate
 from webui.engine.model_manager import LoadedModel, ModelManager
 from webui.engine.model_registry import CHECKPOINT_SUFFIX
-from webui.engine.families import Family
 from webui.engine.vae import cheap_preview
 
 

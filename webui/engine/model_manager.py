@@ -106,10 +106,6 @@ class CachedWeights:
     prediction_type: str | None
     vae_file: ModelInfo | None
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for sd in self.state_dicts.values() for t in sd.values())
-
 
 def config_signature(config_dir: Path) -> str:
     """The module configs' content: two checkpoints whose sidecars match can share one skeleton."""
