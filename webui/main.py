@@ -290,25 +290,39 @@ def build_extension_host(args: argparse.Namespace) -> ExtensionHost:
     return host
 
 
-def restart_when_idle(queue: GenerationQueue, before_restart: Callable[[], None] | None = None) -> Callable[[], str]:
-    """The UI's "Reload UI": the process replaces itself (same command line, same port), which re-imports the
-    enabled extensions and rebuilds the page; refused while a job runs. `before_restart` releases what exec
-    would orphan (the share tunnel's frpc)."""
+def replace_this_process() -> None:
+    """Exec the same command line: the same port and flags, with every module (and extension) imported afresh."""
+    logger.info("Reload UI: restarting %s", " ".join(sys.orig_argv))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+def restart_when_idle(
+    queue: GenerationQueue,
+    before_restart: Callable[[], None] | None = None,
+    replace_process: Callable[[], None] = replace_this_process,
+) -> Callable[[], str]:
+    """The UI's "Reload UI": the process replaces itself, which re-imports the enabled extensions and rebuilds
+    the page. New jobs are refused from the press on; queued and running ones (a generation, the first model
+    load) finish first, so no one's work is lost. `before_restart` releases what exec would orphan (the share
+    tunnel's frpc)."""
+    restarting = threading.Event()
+
+    def wait_then_replace() -> None:
+        queue.close_when_idle("the web UI is restarting")
+        time.sleep(RESTART_DELAY_S)
+        if before_restart is not None:
+            before_restart()
+        replace_process()
 
     def restart() -> str:
-        if queue.running_snapshot() is not None:
-            return "A job is running: reload the UI once it has finished."
-
-        def replace_process() -> None:
-            time.sleep(RESTART_DELAY_S)
-            logger.info("Reload UI: restarting %s", " ".join(sys.orig_argv))
-            if before_restart is not None:
-                before_restart()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
-
-        threading.Thread(target=replace_process, name="restart", daemon=True).start()
+        busy = queue.running_snapshot() is not None or queue.queued_count() > 0
+        if not restarting.is_set():
+            restarting.set()
+            threading.Thread(target=wait_then_replace, name="restart", daemon=True).start()
+        if busy:
+            return "Restarting the web UI once the current jobs have finished…"
         return "Restarting the web UI…"
 
     return restart

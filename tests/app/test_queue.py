@@ -22,6 +22,7 @@ from webui.app.queue import (
     JobSnapshot,
     JobState,
     LoadCheckpointRequest,
+    QueueClosedError,
     Txt2ImgRequest,
     format_duration,
 )
@@ -353,6 +354,23 @@ def test_shutdown_interrupts_running_and_drops_queued_jobs(executor: StepExecuto
     assert "queued" not in executor.started
     with pytest.raises(RuntimeError):
         generation_queue.submit(txt2img("late"))
+
+
+def test_close_when_idle_refuses_new_jobs_and_lets_queued_and_running_ones_finish(
+    queue: GenerationQueue, executor: StepExecutor
+) -> None:
+    running = start_paused_job(queue, executor)
+    queued = queue.submit(txt2img("queued"))
+    # Closed at once, but not idle: the paused job is still running and the other one waits behind it.
+    assert queue.close_when_idle("the web UI is restarting", timeout=0.05) is False
+    with pytest.raises(QueueClosedError, match="^no new jobs: the web UI is restarting$"):
+        queue.submit(txt2img("late"))
+
+    executor.resume.set()
+    assert queue.close_when_idle("the web UI is restarting", timeout=WAIT_SECONDS) is True
+    assert queue.snapshot(running).state is JobState.DONE
+    assert queue.snapshot(queued).state is JobState.DONE
+    assert "late" not in executor.started
 
 
 def test_format_duration_reads_like_a1111() -> None:

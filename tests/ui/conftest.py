@@ -30,6 +30,7 @@ SERVER_START_TIMEOUT_S = 240.0
 # Playwright waits (ms): generous hang guards for a slow shared machine, never asserted as performance.
 DEFAULT_TIMEOUT_MS = 60_000
 LOG_TAIL_LINES = 60
+FAILED_PAGE_TEXT_CHARS = 3000
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 # Flags from the study in /work/shared/reference/web-on-this-machine.md (§2b): Chromium still tries Google services
@@ -288,6 +289,15 @@ def webui(start_webui: Callable[..., WebuiServer], tiny_model_dir: Path) -> Webu
     return start_webui("main", tiny_model_dir)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def patient_expectations() -> None:
+    """`expect(...)` waits DEFAULT_TIMEOUT_MS like every other Playwright wait; its own default (5 s) is shorter
+    than a page load through the share tunnel on a loaded 2-core CI machine."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=DEFAULT_TIMEOUT_MS)
+
+
 @pytest.fixture(scope="session")
 def browser(ui_tmp: Path, browser_blackhole: BlackHole) -> Iterator[Any]:
     if not CHROMIUM.exists():
@@ -340,6 +350,9 @@ def new_context(browser: Any, page_leaks: list[str], request: pytest.FixtureRequ
                 try:
                     page.screenshot(path=str(shot), full_page=True)
                     print(f"\nscreenshot of the failed page: {shot}", file=sys.stderr)
+                    # CI keeps the log, not the screenshot: the page's words say what the user saw.
+                    text = " ".join(page.inner_text("body", timeout=5_000).split())
+                    print(f"text of the failed page: {text[:FAILED_PAGE_TEXT_CHARS]}", file=sys.stderr)
                 except Exception as error:  # noqa: BLE001 - best effort diagnostics only
                     print(f"\n(no screenshot: {error})", file=sys.stderr)
         context.close()

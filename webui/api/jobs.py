@@ -21,7 +21,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from webui.api.checkpoints import could_be_a_hash, find_checkpoint
 from webui.api.context import ApiContext, CheckpointListing
-from webui.app.queue import JobSnapshot, JobState, LoadCheckpointRequest, Txt2ImgRequest
+from webui.app.queue import JobSnapshot, JobState, LoadCheckpointRequest, QueueClosedError, Txt2ImgRequest
 from webui.core.infotext import parse_infotext
 from webui.core.params import (
     EMPHASIS_MODES,
@@ -305,8 +305,8 @@ def build_jobs_router(context: ApiContext) -> APIRouter:
             job_id = context.queue.submit(Txt2ImgRequest(body.to_params()), owner=_request_user(request))
         except ParamError as error:
             raise _validation_error(error.field, str(error)) from None
-        except RuntimeError as error:
-            # Only raised while the server shuts down.
+        except QueueClosedError as error:
+            # The server is shutting down or restarting (Reload UI).
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(error)) from None
         response.headers["Location"] = f"{API_PREFIX}/jobs/{job_id}"
         seed = context.queue.snapshot(job_id).first_seed
@@ -394,7 +394,7 @@ def build_jobs_router(context: ApiContext) -> APIRouter:
             job_id = context.queue.submit(LoadCheckpointRequest(wanted), owner=_request_user(request))
         except ParamError as error:
             raise _validation_error(error.field, str(error)) from None
-        except RuntimeError as error:
+        except QueueClosedError as error:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(error)) from None
         snapshot = context.queue.wait(job_id, timeout=timeout)
         if not snapshot.finished:

@@ -43,6 +43,7 @@ from webui.app.queue import (
     JobSnapshot,
     JobState,
     LoadCheckpointRequest,
+    QueueClosedError,
     Txt2ImgRequest,
     UnloadCheckpointRequest,
 )
@@ -444,8 +445,8 @@ class SdapiRoutes:
             return self.context.queue.submit(request)
         except ParamError as error:
             raise http_error_for(error) from None
-        except RuntimeError as error:
-            # The queue refuses new work while the server shuts down.
+        except QueueClosedError as error:
+            # The queue refuses new work while the server shuts down or restarts (Reload UI).
             raise HTTPException(503, str(error)) from None
 
     # -- txt2img -----------------------------------------------------------------------------------------------

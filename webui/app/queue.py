@@ -164,6 +164,10 @@ def _error_text(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+class QueueClosedError(RuntimeError):
+    """The queue takes no new jobs: the server is shutting down or restarting."""
+
+
 class GenerationQueue:
     """FIFO jobs run one at a time by a single daemon worker thread, the only thread that runs `executor`.
 
@@ -182,6 +186,8 @@ class GenerationQueue:
         self._finished_order: collections.deque[str] = collections.deque()
         self._running: _Job | None = None
         self._stopping = False
+        # Set by close_when_idle: why new jobs are refused while the queued and running ones finish.
+        self._closed_reason: str | None = None
         self._worker: threading.Thread | None = None
 
     # -- life cycle ------------------------------------------------------------------------------------------
@@ -208,6 +214,13 @@ class GenerationQueue:
         if worker is not None:
             worker.join(timeout)
 
+    def close_when_idle(self, reason: str, timeout: float | None = None) -> bool:
+        """Refuse new jobs from now on (QueueClosedError saying `reason`) and block until the queued and the
+        running jobs have finished; True when the queue is idle, False when `timeout` passed first."""
+        with self._changed:
+            self._closed_reason = reason
+            return self._changed.wait_for(lambda: self._running is None and not self._pending, timeout)
+
     # -- submitting and reading ------------------------------------------------------------------------------
 
     def submit(self, request: JobRequest, owner: str | None = None) -> str:
@@ -230,7 +243,9 @@ class GenerationQueue:
         job = _Job(job_id=uuid.uuid4().hex, request=request, kind=kind, owner=owner, first_seed=first_seed)
         with self._changed:
             if self._stopping:
-                raise RuntimeError("the generation queue is shut down")
+                raise QueueClosedError("the generation queue is shut down")
+            if self._closed_reason is not None:
+                raise QueueClosedError(f"no new jobs: {self._closed_reason}")
             self._jobs[job.job_id] = job
             self._pending.append(job)
             self._changed.notify_all()

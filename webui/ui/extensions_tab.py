@@ -16,14 +16,17 @@ from webui.core.params import ParamError
 from webui.ui.context import UiContext
 
 BOOT_ID_URL = "/internal/boot-id"
-# After "Reload UI" the page waits for the restarted server (a new boot id), then reloads itself.
+# After "Reload UI" the page waits for the restarted server (a new boot id), then reloads itself. The restart
+# may first wait for running jobs, so the wait has no end; each poll gives up after a few seconds so that a
+# request stuck on the dying server cannot stall the loop.
 RELOAD_WHEN_RESTARTED_JS = (
     "async (message) => { if (!String(message).startsWith('Restarting')) return [];"
-    f" const bootId = async () => {{ try {{ const r = await fetch({json.dumps(BOOT_ID_URL)}, {{cache: 'no-store'}});"
+    f" const bootId = async () => {{ try {{ const r = await fetch({json.dumps(BOOT_ID_URL)},"
+    " {cache: 'no-store', signal: AbortSignal.timeout(5000)});"
     " return r.ok ? (await r.json()).boot_id : null; } catch (e) { return null; } };"
     " const before = await bootId();"
-    " for (let i = 0; i < 1200; i++) {"
-    "  await new Promise(done => setTimeout(done, 500));"
+    " for (;;) {"
+    "  await new Promise(done => setTimeout(done, 1000));"
     "  const now = await bootId();"
     "  if (now && now !== before) { window.location.reload(); return; }"
     " } }"

@@ -10,7 +10,7 @@ from typing import Any
 
 import gradio as gr
 
-from webui.app.queue import JobSnapshot, JobState, LoadCheckpointRequest, Txt2ImgRequest
+from webui.app.queue import JobSnapshot, JobState, LoadCheckpointRequest, QueueClosedError, Txt2ImgRequest
 from webui.core import samplers
 from webui.core.params import AUTOMATIC_VAE, INT_LIMITS, GenerationParams, ParamError
 from webui.ui.context import UiContext
@@ -281,7 +281,7 @@ def wire_txt2img(ctx: UiContext, top: TopBar, tab: Txt2ImgTab) -> None:
             named = dict(zip(tab.extension_controls, extension_values, strict=True))
             params = params_with_extensions(params, extension_values_from_controls(ctx.extensions, named))
             job_id = ctx.queue.submit(Txt2ImgRequest(params), owner=request.session_hash if request else None)
-        except (ParamError, ValueError) as error:
+        except (ParamError, ValueError, QueueClosedError) as error:
             yield {tab.progress: progress_html(0.0, f"Error: {error}", failed=True)}
             return
         yield {tab.job_id: job_id, tab.progress: progress_html(0.0, "Queued"), tab.results: [],
@@ -400,7 +400,11 @@ def request_checkpoint_swap(ctx: UiContext) -> Callable[..., Iterator[str]]:
         if not name:
             yield loaded_status(ctx)
             return
-        job_id = ctx.queue.submit(LoadCheckpointRequest(name), owner=request.session_hash if request else None)
+        try:
+            job_id = ctx.queue.submit(LoadCheckpointRequest(name), owner=request.session_hash if request else None)
+        except QueueClosedError as error:
+            yield f"Could not load {name}: {error}. {loaded_status(ctx)}"
+            return
         version = -1
         while True:
             snapshot = ctx.queue.wait_for_change(job_id, version, PROGRESS_POLL_SECONDS)
