@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from webui.app.outputs import read_infotext
+from webui.core.files import sha256_of_file
 from webui.core.infotext import parse_infotext
-from webui.engine.model_registry import sha256_of_file
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--width", "64", "--height", "64", "--steps", "3"]

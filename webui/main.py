@@ -270,11 +270,16 @@ SHIPPED_EXTENSIONS_DIR = Path(__file__).resolve().parent.parent / "extensions"
 RESTART_DELAY_S = 1.0
 
 
+def is_exposed(args: argparse.Namespace) -> bool:
+    """--listen or --share: reachable from other machines, so a login is required and extension changes are off."""
+    return bool(args.listen or args.share)
+
+
 def build_extension_host(args: argparse.Namespace) -> ExtensionHost:
     """The extension host, with the enabled extensions loaded (none with --disable-extensions)."""
     from webui.app.extensions import ExtensionHost
 
-    exposed = bool(args.listen or getattr(args, "share", False))
+    exposed = is_exposed(args)
     host = ExtensionHost(
         user_dir=args.extensions_dir or args.data_dir / "extensions",
         builtin_dir=SHIPPED_EXTENSIONS_DIR,
@@ -470,7 +475,7 @@ def run_app(args: argparse.Namespace) -> int:
     from webui.ui.context import UiContext
 
     # --listen/--share without --gradio-auth: a generated password guards the UI, the API and every other route.
-    exposed = bool(args.listen or args.share)
+    exposed = is_exposed(args)
     access = plan_access(exposed, credentials, split_credentials(args.api_auth or "", "api_auth"),
                          args.insecure_no_auth, serves_ui=not args.nowebui)
     credentials, api_credentials = list(access.ui_credentials), list(access.api_credentials)

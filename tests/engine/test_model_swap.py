@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from tests.fixtures.vae_files import build_tiny_vae_file
+from webui.core.files import sha256_of_file
 from webui.core.infotext import parse_infotext
 from webui.core.params import GenerationParams
 from webui.engine import model_manager as model_manager_module
@@ -20,7 +21,12 @@ from webui.engine.checkpoint_loading import CheckpointLoadError, sidecar_config_
 from webui.engine.devices import choose_device_policy
 from webui.engine.generate import generate
 from webui.engine.model_manager import LoadedModel, ModelManager
-from webui.engine.model_registry import FileHasher, ModelRegistry, VaeNotFoundError, VaeRegistry, sha256_of_file
+from webui.engine.model_registry import (
+    FileHasher,
+    ModelRegistry,
+    VaeNotFoundError,
+    VaeRegistry,
+)
 
 PARAMS = GenerationParams(prompt="a red fox", width=64, height=64, steps=3, seed=11)
 

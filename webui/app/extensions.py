@@ -319,18 +319,6 @@ class ExtensionHost:
                 self._activate(record)
             self._rebuild_hook_table()
 
-    def reload(self) -> None:
-        """Forget every loaded extension and load the enabled ones again from disk (Reload UI)."""
-        with self._manage_lock, self._lock:
-            for record in self._records.values():
-                self._deactivate(record)
-            self._stale_code.clear()
-            self._state = self._read_state()
-            self._discover()
-            for record in self._sorted_records():
-                self._activate(record)
-            self._rebuild_hook_table()
-
     def _roots(self) -> list[tuple[Path, bool]]:
         roots: list[tuple[Path, bool]] = []
         if self.builtin_dir is not None:
@@ -639,16 +627,26 @@ class ExtensionHost:
             records = self._sorted_records()
         return [self._info(record) for record in records]
 
+    @staticmethod
+    def _remote(record: _Record) -> str:
+        """The checkout's origin URL; "" for a folder that is not a git checkout or has no remote."""
+        if not (record.directory / ".git").exists():
+            return ""
+        try:
+            return run_git(["config", "--get", "remote.origin.url"], record.directory, 30)
+        except ExtensionError:
+            return ""
+
     def _info(self, record: _Record) -> ExtensionInfo:
-        remote = branch = commit = commit_date = ""
+        branch = commit = commit_date = ""
         if (record.directory / ".git").exists():
             try:
                 commit, commit_date = (run_git(["log", "-1", "--format=%H%n%cI"], record.directory, 30).splitlines()
                                        + ["", ""])[:2]
                 branch = run_git(["rev-parse", "--abbrev-ref", "HEAD"], record.directory, 30)
-                remote = run_git(["config", "--get", "remote.origin.url"], record.directory, 30)
             except ExtensionError:
                 pass
+        remote = self._remote(record)
         manifest = record.manifest
         error = record.error or (f"bad manifest: {record.manifest_error}" if manifest is None else "")
         status = STATUS_FAILED if manifest is None else record.status
@@ -765,7 +763,7 @@ class ExtensionHost:
             raise ExtensionError(f"not a branch name: {branch!r}")
         with self._manage_lock:
             for record in list(self._records.values()):
-                remote = self._info(record).remote
+                remote = self._remote(record)
                 if remote and normalised_remote(remote) == normalised_remote(url):
                     raise ExtensionError(f"{url} is already installed as {record.name}")
             self.user_dir.mkdir(parents=True, exist_ok=True)
@@ -881,8 +879,10 @@ class ExtensionHost:
             with self._lock:
                 self._state.index_url = url
                 self._write_state()
-        remotes = {normalised_remote(info.remote) for info in self.list_extensions() if info.remote}
-        installed = remotes | set(self._records)
+        with self._lock:
+            records = list(self._records.values())
+        remotes = {normalised_remote(remote) for remote in map(self._remote, records) if remote}
+        installed = remotes | {record.name for record in records}
         listed = []
         for entry in entries:
             if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):

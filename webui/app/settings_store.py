@@ -16,7 +16,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from webui.core.files import write_file_atomically
-from webui.core.params import OUTPUT_FORMATS, GenerationParams, ParamError
+from webui.core.params import AUTOMATIC_VAE, OUTPUT_FORMATS, GenerationParams, ParamError
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class UserSettings:
     filename_pattern: str = "[seed]"
     preview_every_n_steps: int = 10  # A1111's show_progress_every_n_steps default; 0 = live previews off
     sd_model_checkpoint: str = ""  # last chosen checkpoint (A1111's key), restored at start
-    sd_vae: str = "Automatic"  # last chosen VAE (A1111's key): Automatic, None or a file in models/VAE
+    sd_vae: str = AUTOMATIC_VAE  # last chosen VAE (A1111's key): Automatic, None or a file in models/VAE
     # Checkpoints kept in RAM after being swapped out, so swapping back is a copy (A1111's key; its default is 0).
     sd_checkpoint_cache: int = 1
     sd_checkpoints_limit: int = 1  # checkpoints kept on the GPU at once (A1111's key and default)

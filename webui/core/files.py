@@ -1,11 +1,14 @@
-"""Writing files so that a crash or an error never leaves a half-written file under the final name.
-Standard library only; every layer that persists data uses it."""
+"""Writing files so that a crash or an error never leaves a half-written file under the final name, and hashing them.
+Standard library only; every layer that persists or checks files uses it."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from pathlib import Path
+
+HASH_BLOCK_BYTES = 1024 * 1024
 
 
 def write_file_atomically(final_path: Path, data: bytes) -> None:
@@ -28,3 +31,12 @@ def write_file_atomically(final_path: Path, data: bytes) -> None:
     except BaseException:
         temp_path.unlink(missing_ok=True)
         raise
+
+
+def sha256_of_file(path: Path) -> str:
+    """The whole file's sha256, read block by block (A1111's model hash is its first 10 hex characters)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while block := file.read(HASH_BLOCK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()

@@ -19,6 +19,7 @@ from webui.engine.families import (
     SDXL_CLIP_G_PREFIX,
     SDXL_CLIP_L_PREFIX,
     Family,
+    TensorInfo,
     detect_family,
     read_safetensors_header,
 )
@@ -79,6 +80,22 @@ def sidecar_config_dir(checkpoint: Path) -> Path:
 def config_dir_for(path: Path, family: Family) -> Path:
     sidecar = sidecar_config_dir(path)
     return sidecar if sidecar.is_dir() else family.config_dir
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointLayout:
+    """What a checkpoint's header says, read once per load: its tensor table, family and config folder."""
+
+    tensors: dict[str, TensorInfo]
+    family: Family
+    config_dir: Path
+
+
+def inspect_checkpoint(info: ModelInfo) -> CheckpointLayout:
+    """The header only (no weights): which family the file is and which configs build its modules."""
+    tensors = read_safetensors_header(info.path)
+    family = detect_family(info.path, tensors)
+    return CheckpointLayout(tensors, family, config_dir_for(info.path, family))
 
 
 def read_component_config(config_dir: Path, component: str) -> dict[str, object]:
@@ -159,16 +176,17 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 
 
-def _load_raw_state_dict(info: ModelInfo, dtype_of: DtypeOfComponent | None = None) -> StateDict:
+def _load_raw_state_dict(
+    info: ModelInfo, tensors: dict[str, TensorInfo], dtype_of: DtypeOfComponent | None = None
+) -> StateDict:
     """Every tensor of the file, each copied (or converted to `dtype_of(component)`) out of a memory map
     one at a time, the map's pages released right after.
 
     Not safetensors' loader: its mapped pages stay counted in the process's resident memory until the
     file is closed, so RAM holds the file beside the converted model (measured 1.5x the model's size
     for SD 1.5 on CPU); reading with read() instead costs one more copy (measured +1.3 s for SD 1.5).
-    The header is parsed and bounds-checked by read_safetensors_header.
+    `tensors` is the file's header, parsed and bounds-checked by read_safetensors_header.
     """
-    tensors = read_safetensors_header(info.path)
     checkpoint: StateDict = {}
     page = mmap.PAGESIZE
     with info.path.open("rb") as file:
@@ -280,23 +298,27 @@ def _prediction_type(family: Family, config_dir: Path, scheduler_config: dict[st
 
 
 def read_checkpoint(
-    info: ModelInfo, skeleton: ModelComponents | None = None, dtype_of: DtypeOfComponent | None = None
+    info: ModelInfo,
+    skeleton: ModelComponents | None = None,
+    dtype_of: DtypeOfComponent | None = None,
+    layout: CheckpointLayout | None = None,
 ) -> CheckpointWeights:
     """Every component's weights of one single-file checkpoint, converted to diffusers names.
 
     `skeleton` (modules built for this family and config) supplies the configs the converters need;
     without it a skeleton is built on the meta device just for that. `dtype_of(component)` gives the
-    dtype each component's weights are converted to while reading (default: the file's).
+    dtype each component's weights are converted to while reading (default: the file's). `layout` is
+    the header already read by the caller (inspect_checkpoint), if any.
     """
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-    family = detect_family(info.path, read_safetensors_header(info.path))
-    config_dir = config_dir_for(info.path, family)
+    layout = layout if layout is not None else inspect_checkpoint(info)
+    family, config_dir = layout.family, layout.config_dir
     if skeleton is None:
         skeleton = build_components(family, config_dir)
     scheduler_config = read_component_config(config_dir, "scheduler")
     vae_config = read_component_config(config_dir, "vae")
-    checkpoint = _load_raw_state_dict(info, dtype_of)
+    checkpoint = _load_raw_state_dict(info, layout.tensors, dtype_of)
     try:
         state_dicts = {
             "unet": convert_ldm_unet_checkpoint(checkpoint, skeleton.unet.config),

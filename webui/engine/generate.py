@@ -122,7 +122,7 @@ def make_eps_model(
     denoiser_calls = 0
     unet_eps = UNetEps(model, timestep_sampler, image_size)
     wants_cfg_hooks = hooks is not None and params is not None and hooks.has(HookPoint.CFG)
-    cfg_hooks = CfgHooks(hooks, params, model) if wants_cfg_hooks else None  # type: ignore[arg-type]
+    cfg_hooks = CfgHooks(hooks, params, unet_eps.schedule) if wants_cfg_hooks else None  # type: ignore[arg-type]
 
     def eps_model(x_in: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         nonlocal denoiser_calls
@@ -162,10 +162,10 @@ def make_eps_model(
 class CfgHooks:
     """Runs HookPoint.CFG on one denoiser call; the noise level is derived from the UNet timestep."""
 
-    def __init__(self, hooks: Hooks, params: GenerationParams, model: LoadedModel) -> None:
+    def __init__(self, hooks: Hooks, params: GenerationParams, schedule: k_sampling.DiscreteSchedule) -> None:
         self.hooks = hooks
         self.params = params
-        self.schedule = k_sampling.DiscreteSchedule(model.alphas_cumprod)
+        self.schedule = schedule
 
     def __call__(
         self, x: torch.Tensor, timesteps: torch.Tensor, cond_pred: torch.Tensor, uncond_pred: torch.Tensor,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from webui.core.params import AUTOMATIC_VAE
 from webui.engine.checkpoint_loading import (
     COMPONENTS,
     CheckpointLoadError,
@@ -20,7 +21,7 @@ from webui.engine.checkpoint_loading import (
     StateDict,
     build_components,
     check_fits,
-    config_dir_for,
+    inspect_checkpoint,
     is_v_prediction,
     read_checkpoint,
     read_checkpoint_vae,
@@ -30,8 +31,7 @@ from webui.engine.checkpoint_loading import (
 )
 from webui.engine.clip_tokenizer import ClipTokenizer
 from webui.engine.devices import DevicePolicy, empty_cache
-from webui.engine.families import Family, detect_family, read_safetensors_header
-from webui.core.params import AUTOMATIC_VAE
+from webui.engine.families import Family
 from webui.engine.model_registry import ModelInfo, ModelRegistry, VaeRegistry
 
 logger = logging.getLogger(__name__)
@@ -206,10 +206,8 @@ class ModelManager:
         resident = self._resident.get(key)
         if resident is not None:
             self._resident.move_to_end(key)
-            if _same_file(resident.vae_file, vae_file):
-                self.current = resident
-                return resident
-            self._swap_vae(resident, vae_file)
+            if not _same_file(resident.vae_file, vae_file):
+                self._swap_vae(resident, vae_file)
             self.current = resident
             return resident
 
@@ -274,9 +272,9 @@ class ModelManager:
 
     def _read(self, info: ModelInfo) -> tuple[CachedWeights, ModelComponents]:
         """The checkpoint's weights in RAM at the device dtypes, checked against the family's modules."""
-        family = detect_family(info.path, read_safetensors_header(info.path))
-        skeleton = self._skeleton_for(family, config_dir_for(info.path, family))
-        weights = read_checkpoint(info, skeleton, dtype_of=lambda component: _component_dtype(component, self.policy))
+        layout = inspect_checkpoint(info)
+        skeleton = self._skeleton_for(layout.family, layout.config_dir)
+        weights = read_checkpoint(info, skeleton, lambda component: _component_dtype(component, self.policy), layout)
         cached = _weights_to_cache(weights, info, self.policy)
         modules = skeleton.modules()
         if set(modules) != set(cached.state_dicts):

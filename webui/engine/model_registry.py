@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from webui.core.files import write_file_atomically
+from webui.core.files import sha256_of_file, write_file_atomically
 from webui.core.params import AUTOMATIC_VAE, NO_VAE
 from webui.engine.families import CONVERT_HINT, PICKLE_SUFFIXES
 
@@ -20,7 +20,6 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIX = ".safetensors"
 VAE_BESIDE_CHECKPOINT_SUFFIX = ".vae.safetensors"
-HASH_BLOCK_BYTES = 1024 * 1024
 HASH_CACHE_VERSION = 1
 
 
@@ -45,15 +44,6 @@ class ModelInfo:
     def stem(self) -> str:
         """A1111's name_for_extra: the file name without folders and extension (the infotext `Model`)."""
         return Path(self.name).name.removesuffix(CHECKPOINT_SUFFIX)
-
-
-def sha256_of_file(path: Path) -> str:
-    """Full-file sha256 (A1111's model hash is its first 10 hex characters)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while block := file.read(HASH_BLOCK_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def legacy_model_hash(path: Path) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,37 +169,38 @@ def wire_extensions_tab(ctx: UiContext, demo: gr.Blocks, tab: ExtensionsTab, tab
     can_reload = ctx.restart is not None
     installed_outputs = [tab.notice, tab.table, tab.choice, tab.error_details]
 
-    def refreshed(selected: str | None = None) -> list[Any]:
+    def refreshed(selected: str | None = None, message: str = "") -> list[Any]:
+        """The Installed tab's outputs; the extension a `message` names becomes the selected one."""
         infos = host.list_extensions()
         names = [info.name for info in infos]
+        selected = next((name for name in names if name in message.split()), selected)
         value = selected if selected in names else (names[0] if names else None)
         details = next((info.traceback or info.error for info in infos if info.name == value), "")
         return [notice_text(host, can_reload), installed_table(infos), gr.update(choices=names, value=value), details]
 
-    def act(action_name: str) -> Any:
+    # Each button's action on the chosen extension: (name, allow pip requirements) → the message shown.
+    actions: list[tuple[gr.Button, Callable[[str, bool], str]]] = [
+        (tab.enable, lambda name, allow: host.enable(name, install_requirements=allow)),
+        (tab.disable, lambda name, _allow: host.disable(name)),
+        (tab.check, lambda name, _allow: f"{name}: {host.check_updates(name)}"),
+        (tab.update, lambda name, _allow: host.update(name)),
+        (tab.remove, lambda name, _allow: host.remove(name)),
+    ]
+
+    def act(action: Callable[[str, bool], str]) -> Callable[[str | None, bool], list[Any]]:
         def handler(name: str | None, allow_requirements: bool) -> list[Any]:
             if not name:
                 return ["Choose an extension first.", *refreshed(name)]
             try:
-                if action_name == "enable":
-                    text = host.enable(name, install_requirements=allow_requirements)
-                elif action_name == "disable":
-                    text = host.disable(name)
-                elif action_name == "check":
-                    text = f"{name}: {host.check_updates(name)}"
-                elif action_name == "update":
-                    text = host.update(name)
-                else:
-                    text = host.remove(name)
+                text = action(name, allow_requirements)
             except (ExtensionError, ParamError) as error:
                 text = f"**Not done.** {error}"
             return [text, *refreshed(name)]
 
         return handler
 
-    for button, action_name in ((tab.enable, "enable"), (tab.disable, "disable"), (tab.check, "check"),
-                                (tab.update, "update"), (tab.remove, "remove")):
-        button.click(act(action_name), inputs=[tab.choice, tab.allow_requirements],
+    for button, action in actions:
+        button.click(act(action), inputs=[tab.choice, tab.allow_requirements],
                      outputs=[tab.message, *installed_outputs], api_name=False)
 
     def show_details(name: str | None) -> str:
@@ -215,8 +217,7 @@ def wire_extensions_tab(ctx: UiContext, demo: gr.Blocks, tab: ExtensionsTab, tab
             text = host.install(url, branch, folder)
         except ExtensionError as error:
             return [f"**Not installed.** {error}", *refreshed()]
-        name = next((info.name for info in host.list_extensions() if info.name in text.split()), None)
-        return [text, *refreshed(name)]
+        return [text, *refreshed(message=text)]
 
     tab.install.click(install, inputs=[tab.install_url, tab.install_branch, tab.install_folder],
                       outputs=[tab.message, *installed_outputs], api_name=False)

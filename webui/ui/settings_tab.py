@@ -9,13 +9,13 @@ from typing import Any
 
 import gradio as gr
 
-from webui.core import samplers
 from webui.app.settings_store import (
     CHECKPOINT_CACHE_HIGH,
     CHECKPOINT_CACHE_LOW,
     CHECKPOINTS_LIMIT_HIGH,
     CHECKPOINTS_LIMIT_LOW,
 )
+from webui.core import samplers
 from webui.core.params import OUTPUT_FORMATS, ParamError
 from webui.ui.context import UiContext
 from webui.ui.extension_ui import build_extension_settings, save_extension_settings

@@ -12,9 +12,9 @@ import gradio as gr
 
 from webui.app.queue import JobSnapshot, JobState, LoadCheckpointRequest, QueueClosedError, Txt2ImgRequest
 from webui.core import samplers
+from webui.core.infotext import InfotextFields, parse_infotext
 from webui.core.params import AUTOMATIC_VAE, INT_LIMITS, GenerationParams, ParamError
 from webui.ui.context import UiContext
-from webui.core.infotext import InfotextFields, parse_infotext
 from webui.ui.extension_ui import (
     build_txt2img_sections,
     extension_values_from_controls,
@@ -151,8 +151,7 @@ def build_top_bar(ctx: UiContext) -> TopBar:
         )
         refresh = gr.Button("↻", elem_id="ckpt_refresh", scale=0, min_width=48)
         vae_choices = ctx.list_vaes()
-        saved_vae = ctx.settings.current.sd_vae
-        vae = gr.Dropdown(choices=vae_choices, value=saved_vae if saved_vae in vae_choices else vae_choices[0],
+        vae = gr.Dropdown(choices=vae_choices, value=chosen_or_first(vae_choices, ctx.settings.current.sd_vae),
                           label="SD VAE", elem_id="vae_dropdown", scale=2)
         clip_skip = gr.Slider(
             minimum=1, maximum=12, step=1, value=current_default(ctx, "clip_skip", 1),
@@ -421,15 +420,20 @@ def request_checkpoint_swap(ctx: UiContext) -> Callable[..., Iterator[str]]:
     return swap
 
 
+def chosen_or_first(choices: list[str], wanted: str | None) -> str:
+    """`wanted` when it is still offered, else the first choice (Automatic for the VAE list)."""
+    return wanted if wanted in choices else choices[0]
+
+
+def vae_dropdown_update(ctx: UiContext, wanted: str | None) -> Any:
+    """The VAE files as they are now, with `wanted` selected if it is still there."""
+    choices = ctx.list_vaes()
+    return gr.update(choices=choices, value=chosen_or_first(choices, wanted))
+
+
 def vae_dropdown_now(ctx: UiContext) -> Callable[[], Any]:
     """The VAE files and the saved choice at page load: both may have changed since the page was built."""
-
-    def update() -> Any:
-        choices = ctx.list_vaes()
-        saved = ctx.settings.current.sd_vae
-        return gr.update(choices=choices, value=saved if saved in choices else choices[0])
-
-    return update
+    return lambda: vae_dropdown_update(ctx, ctx.settings.current.sd_vae)
 
 
 def wire_checkpoint(ctx: UiContext, top: TopBar) -> None:
@@ -446,11 +450,8 @@ def wire_checkpoint(ctx: UiContext, top: TopBar) -> None:
         lambda: loaded_status(ctx), outputs=top.status, api_name=False
     )
 
-    def refresh_vaes(current: str | None) -> Any:
-        choices = ctx.list_vaes()
-        return gr.update(choices=choices, value=current if current in choices else choices[0])
-
-    top.refresh.click(refresh_vaes, inputs=top.vae, outputs=top.vae, api_name=False)
+    top.refresh.click(lambda current: vae_dropdown_update(ctx, current), inputs=top.vae, outputs=top.vae,
+                      api_name=False)
 
     def remember_vae(name: str | None) -> str:
         # The VAE loads with the next generation, which carries the choice in its parameters.
