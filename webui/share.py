@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import importlib.util
+import ipaddress
 import logging
 import os
 import queue
@@ -252,6 +253,11 @@ class ShareTunnel:
     def running(self) -> bool:
         return self.process.poll() is None
 
+    def owns_connection(self, peer_host: str, peer_port: int) -> bool:
+        """Whether the TCP connection from `peer_host:peer_port` is one of frpc's (read from /proc on Linux; False
+        elsewhere). Only then is its X-Forwarded-For header the share server's word about the visitor."""
+        return self.running and process_owns_socket(self.process.pid, peer_host, peer_port)
+
     def close(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -262,6 +268,53 @@ class ShareTunnel:
                 self.process.wait(timeout=STOP_TIMEOUT_S)
         if self.reader is not None:
             self.reader.join(timeout=STOP_TIMEOUT_S)
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    return inodes
+
+
+def _proc_net_address(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """/proc/net/tcp's "0100007F:1F90" (the address in host byte order, 32 bits at a time) → (address, port)."""
+    address_hex, port_hex = text.split(":")
+    raw = bytes.fromhex(address_hex)
+    host_order = b"".join(raw[index:index + 4][::-1] for index in range(0, len(raw), 4))
+    address = ipaddress.ip_address(host_order)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped, int(port_hex, 16)
+    return address, int(port_hex, 16)
+
+
+def process_owns_socket(pid: int, host: str, port: int) -> bool:
+    """Whether process `pid` holds the TCP socket whose local end is `host:port` (Linux; False where /proc is not)."""
+    try:
+        wanted = ipaddress.ip_address(host)
+        inodes = _socket_inodes(pid)
+    except (OSError, ValueError):
+        return False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text(encoding="ascii").splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or fields[9] not in inodes:
+                continue
+            try:
+                if _proc_net_address(fields[1]) == (wanted, port):
+                    return True
+            except ValueError:
+                continue
+    return False
 
 
 def start_frpc(command: list[str], env: dict[str, str], server: ShareServer,

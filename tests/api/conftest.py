@@ -35,10 +35,19 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+# Any connection the server tries to make off this machine goes to a closed loopback port (refused at once), and
+# git may use local repositories only: fuzzed URLs must neither leave the machine nor wait on a timeout.
+OFFLINE_ENV = {
+    **{name: "http://127.0.0.1:9" for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
+                                               "all_proxy")},
+    "NO_PROXY": "127.0.0.1,localhost,::1", "no_proxy": "127.0.0.1,localhost,::1", "GIT_ALLOW_PROTOCOL": "file",
+}
+
+
 def start_server(data_dir: Path, extra_flags: list[str], log: Path) -> ApiServer:
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(data_dir / "gradio-tmp"),
-           "HF_HOME": str(data_dir / "hf-home")}
+           "HF_HOME": str(data_dir / "hf-home"), **OFFLINE_ENV}
     handle = log.open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "webui", "--nowebui", "--data-dir", str(data_dir), "--port", str(port), *extra_flags],

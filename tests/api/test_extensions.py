@@ -88,3 +88,18 @@ def test_install_update_remove_through_the_api(ext_api: ApiServer, tmp_path: Pat
     assert requests.get(f"{url}/api/v1/extensions/other_stamp", timeout=30).status_code == 404
     builtin = requests.delete(f"{url}/api/v1/extensions/wildcards", timeout=60)
     assert builtin.status_code == 400 and "built in" in builtin.json()["detail"]
+
+
+def test_install_into_a_folder_of_the_users_choice(ext_api: ApiServer, tmp_path: Path) -> None:
+    url = ext_api.url
+    repo = make_repo(tmp_path / "named", stamp_extension("v1", name="named_stamp"))
+    response = requests.post(f"{url}/api/v1/extensions/install", json={"url": str(repo), "folder": "myfolder"},
+                             timeout=120)
+    assert response.status_code == 200, response.text
+    assert "Installed named_stamp 1.0.0 into myfolder/" in response.json()["message"]
+    assert (ext_api.data_dir / "extensions" / "myfolder" / "extension.toml").is_file()
+    # Known by its manifest's name, as the list shows it.
+    info = requests.get(f"{url}/api/v1/extensions/named_stamp", timeout=30).json()
+    assert info["name"] == "named_stamp" and info["enabled"] is False
+    assert requests.delete(f"{url}/api/v1/extensions/named_stamp", timeout=60).status_code == 200
+    assert not (ext_api.data_dir / "extensions" / "myfolder").exists()

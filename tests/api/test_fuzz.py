@@ -1,4 +1,5 @@
-"""Schemathesis fuzzing of every /api/v1 and /sdapi/v1 operation in a live server's /openapi.json: never a 5xx.
+"""Schemathesis fuzzing of every operation in a live server's /openapi.json (/api/v1 with extension management,
+/sdapi/v1, an extension's own route): never a 5xx; and the bodies that once gave 500s, as fixed cases.
 Must not import webui (the server is a separate process); needs schemathesis (the `test` extra)."""
 
 from __future__ import annotations
@@ -6,6 +7,7 @@ from __future__ import annotations
 import collections
 import json
 import re
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,13 +20,15 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.core.control import SkipTest
 
 from tests.api.conftest import ApiServer, data_dir_with_models, start_server, stop_server
+from tests.fixtures.extension_repos import make_repo, stamp_extension
 
 # Bounded so that the whole file stays within a few minutes on a 2-core machine with the tiny model.
 POSITIVE_EXAMPLES_PER_OPERATION = 50
 NEGATIVE_EXAMPLES_PER_OPERATION = 30
 # A slow answer is no failure here; a hanging one is (the load route waits at most its clamped timeout).
 REQUEST_TIMEOUT_SECONDS = 60.0
-FUZZED_PATHS = r"^/(api|sdapi)/v1/"
+# Every route but the schema and its viewer (the `stamp` extension adds /stamp/version).
+FUZZED_PATHS = r"^/(?!docs|openapi)"
 # A1111's --api-server-stop routes would end the server under test.
 NEVER_FUZZED_PATHS = r"/server-(kill|stop|restart)"
 # Generation routes get only valid input: an "invalid" 1000-step request is still within the server's real
@@ -108,8 +112,11 @@ def fuzz_schema(server: ApiServer, mode: GenerationMode, max_examples: int) -> s
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[ApiServer]:
-    """A server of its own: fuzzed option and model changes must not leak into the other API tests."""
+    """A server of its own: fuzzed option and model changes must not leak into the other API tests. The `stamp`
+    extension is enabled, so an extension's own route is fuzzed too."""
     data_dir = data_dir_with_models(tmp_path_factory.mktemp("api-fuzz-data"), tiny_model_dir)
+    make_repo(data_dir / "extensions" / "stamp", stamp_extension("v1"))
+    (data_dir / "extensions.json").write_text(json.dumps({"enabled": ["stamp"]}))
     server = start_server(data_dir, [], data_dir / "server.log")
     yield server
     stop_server(server)
@@ -162,8 +169,45 @@ def test_no_input_gives_a_server_error(fuzz_server: ApiServer, mode: GenerationM
         except (Exception, BaseExceptionGroup) as error:  # noqa: BLE001 - collected and reported below
             # Schemathesis reports check failures as a BaseExceptionGroup, which `except Exception` misses.
             failures.append(f"{operation.label}: {type(error).__name__}: {error}")
-    assert any(label.startswith("POST /api/v1/") for label in fuzzed), fuzzed
+    expected = ["POST /api/v1/extensions/install", "POST /api/v1/extensions/index", "GET /stamp/version",
+                "POST /api/v1/extensions/{name}/enable", "DELETE /api/v1/extensions/{name}", "POST /sdapi/v1/options"]
+    if mode is GenerationMode.POSITIVE:
+        expected.append("POST /api/v1/jobs")
+    assert not set(expected) - set(fuzzed), (set(expected) - set(fuzzed), fuzzed)
     assert not failures, "\n\n".join(failures)
+
+
+# Bodies a hostile client sent that once answered a 500 (some a plain-text one). Python's json writes NaN and
+# Infinity as the bare words, which Python's (and FastAPI's) parser reads back.
+FIXED_CASES = [
+    ("/sdapi/v1/options", {"samples_filename_pattern": "\udc80"}, "samples_filename_pattern"),
+    ("/sdapi/v1/options", {"filename_pattern": "\udc80"}, "filename_pattern"),
+    ("/api/v1/extensions/install", {"url": float("nan")}, "url"),
+    ("/api/v1/extensions/install", {"url": "\udc80"}, "url"),
+    ("/api/v1/extensions/install", {"url": "https://example.invalid/x.git", "branch": float("inf")}, "branch"),
+    ("/api/v1/extensions/install", {"url": "https://example.invalid/x.git", "extra": float("nan")}, "extra"),
+    ("/api/v1/extensions/wildcards/enable", {"install_requirements": float("nan")}, "install_requirements"),
+    ("/api/v1/extensions/index", {"url": float("nan")}, "url"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "field"), FIXED_CASES, ids=[f"{p} {f}" for p, _, f in FIXED_CASES])
+def test_bodies_that_once_gave_500s_answer_a_json_4xx_naming_the_field(
+    fuzz_server: ApiServer, path: str, body: dict[str, object], field: str,
+) -> None:
+    config = fuzz_server.data_dir / "config.json"
+    config_before = config.read_bytes() if config.exists() else None
+    request = urllib.request.Request(f"{fuzz_server.url}{path}", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_SECONDS) as response:
+            status, answer, content_type = response.status, response.read(), response.headers["content-type"]
+    except urllib.error.HTTPError as error:
+        status, answer, content_type = error.code, error.read(), error.headers["content-type"]
+    requests_made.append(("POST", path, status))
+    assert status == 422 and content_type.startswith("application/json"), (status, answer[:300])
+    assert field in json.dumps(json.loads(answer)), answer[:300]
+    assert (config.read_bytes() if config.exists() else None) == config_before
 
 
 def test_fuzzing_made_requests() -> None:

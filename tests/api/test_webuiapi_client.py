@@ -104,8 +104,8 @@ def test_get_progress_during_a_job_and_interrupt(api: webuiapi.WebUIApi) -> None
     worker.join(WAIT_SECONDS)
     result = outcome["result"]
     assert isinstance(result, webuiapi.WebUIApiResult)
-    # Interrupted within its only batch: no image, and the seed it was going to use is reported.
-    assert result.images == [] and result.info["all_seeds"] == [99]
+    # Interrupted within its only batch: the picture so far, as A1111 sends it, and its seed.
+    assert len(result.images) == 1 and result.images[0].size == (64, 64) and result.info["all_seeds"] == [99]
     api.util_wait_for_ready(check_interval=0.1)
 
 

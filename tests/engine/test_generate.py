@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from webui.core.events import JobControl, Progress
 from webui.core.infotext import parse_infotext
@@ -16,6 +17,7 @@ from webui.engine.devices import choose_device_policy
 from webui.engine.generate import GeneratedImage, generate
 from webui.engine.model_manager import LoadedModel, ModelManager
 from webui.engine.model_registry import ModelRegistry
+from webui.engine.vae import decode_latent, to_pil
 
 VERSION = "webui-test"
 SMALL = dict(width=64, height=64, steps=4, sampler="Euler a")
@@ -135,22 +137,31 @@ def test_progress_is_reported_every_step(model: LoadedModel) -> None:
     assert seen[-1].fraction == 1.0
 
 
-def test_interrupt_stops_the_job_within_a_step(model: LoadedModel) -> None:
+def test_interrupt_stops_the_job_within_a_step_and_keeps_the_picture_so_far(model: LoadedModel) -> None:
     control = JobControl()
     steps_seen: list[int] = []
+    predictions: list[torch.Tensor] = []
 
     def on_progress(progress: Progress) -> None:
         steps_seen.append(progress.step)
         if progress.step == 2:
             control.interrupt()
 
+    def on_denoised(progress: Progress, denoised: torch.Tensor) -> None:
+        predictions.append(denoised.clone())
+
     params = GenerationParams(prompt="x", **{**SMALL, "steps": 10, "batch_count": 3})
-    batches = list(generate(model, params, 1, VERSION, control=control, on_progress=on_progress))
-    assert batches == []
+    batches = list(generate(model, params, 1, VERSION, control=control, on_progress=on_progress,
+                            on_denoised=on_denoised))
     assert steps_seen == [1, 2]
+    # As A1111: the batch that was running is decoded from its last x0 prediction; later batches never start.
+    assert [[image.seed for image in batch] for batch in batches] == [[1]]
+    expected = to_pil(decode_latent(model.vae, predictions[-1], model.vae_scaling_factor))
+    assert np.array_equal(pixels(batches[0][0]), np.asarray(expected, dtype=np.int16))
+    assert parse_infotext(batches[0][0].infotext).fields["Steps"] == "10"
 
 
-def test_skip_abandons_only_the_current_batch(model: LoadedModel) -> None:
+def test_skip_ends_only_the_current_batch_with_its_picture_so_far(model: LoadedModel) -> None:
     control = JobControl()
 
     def on_progress(progress: Progress) -> None:
@@ -159,4 +170,8 @@ def test_skip_abandons_only_the_current_batch(model: LoadedModel) -> None:
 
     params = GenerationParams(prompt="x", **{**SMALL, "batch_count": 2})
     batches = list(generate(model, params, 10, VERSION, control=control, on_progress=on_progress))
-    assert [[image.seed for image in batch] for batch in batches] == [[11]]
+    assert [[image.seed for image in batch] for batch in batches] == [[10], [11]]
+    unskipped = [image for batch in generate(model, params, 10, VERSION) for image in batch]
+    # The skipped batch stopped after one of four steps; the next batch ran whole, as without a skip.
+    assert not np.array_equal(pixels(batches[0][0]), pixels(unskipped[0]))
+    assert np.array_equal(pixels(batches[1][0]), pixels(unskipped[1]))

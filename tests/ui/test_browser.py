@@ -442,6 +442,16 @@ def test_token_counters_count_clip_tokens(page: Page) -> None:
     wait_for_text(page, "txt2img_neg_token_counter", r"\b5/75\b")
 
 
+def test_a_prompt_beyond_the_chunk_limit_is_refused_with_the_limit(page: Page, webui: WebuiServer) -> None:
+    before = webui.output_images()
+    fill_text(page, "txt2img_prompt", "cat, " * 3000)  # 6,000 tokens, more than 32 chunks of 75
+    set_small_job(page, steps=2)
+    button(page, "txt2img_generate").click()
+    shown = wait_for_text(page, "txt2img_progress", r"Error: prompt: must be at most 32 chunks of 75 tokens")
+    assert "Settings tab" in shown
+    assert new_images(webui, before) == []
+
+
 def test_settings_change_the_saved_file_format(page: Page, webui: WebuiServer) -> None:
     open_tab(page, "Settings")
     for elem_id in ("settings_outdir", "settings_format", "settings_filename_pattern", "settings_preview_every"):

@@ -4,6 +4,7 @@ Must not import webui: what is asserted is what a user sees and what lands on di
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -153,3 +154,23 @@ def test_install_enable_generate_update_disable_remove(
     expect(page.locator("#ext_table")).not_to_contain_text("stamp")
     assert not installed.exists()
 
+
+
+def test_available_list_from_an_index_file_the_user_picks(
+    new_context: Callable[[], Any], ext_server: WebuiServer, tmp_path: Path
+) -> None:
+    index = tmp_path / "my-index.json"
+    index.write_text(json.dumps({"extensions": [
+        {"name": "picked-one", "url": "https://example.invalid/picked-one.git", "description": "from a file"}]}))
+    state_file = ext_server.data_dir / "extensions.json"
+    state_before = state_file.read_bytes() if state_file.exists() else None
+    page = open_ui(new_context().new_page(), ext_server)
+    open_tab(page, "Extensions")
+    open_tab(page, "Available")
+    # A path typed as the URL is not read: local files come only from the file picker.
+    fill_text(page, "ext_index_url", str(index))
+    button(page, "ext_index_load").click()
+    wait_for_text(page, "ext_index_table", r"must be an http:// or https:// URL")
+    page.locator("#ext_index_file input[type=file]").set_input_files(str(index))
+    wait_for_text(page, "ext_index_table", r"picked-one[\s\S]*from a file")
+    assert (state_file.read_bytes() if state_file.exists() else None) == state_before

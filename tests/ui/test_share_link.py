@@ -234,6 +234,28 @@ def test_login_attempts_are_rate_limited_per_visitor(shared: Shared) -> None:
     assert attempt(shared.password, "198.51.100.10") == 200, "another visitor is not locked out"
 
 
+def test_x_forwarded_for_from_anyone_but_the_tunnel_is_ignored(shared: Shared) -> None:
+    """A process on this machine connects straight to the port and names a new client in every request: the
+    limiter still counts it as itself (only frpc's own connections speak for a visitor)."""
+    def direct(password: str, forwarded_for: str) -> int:
+        connection = http.client.HTTPConnection("127.0.0.1", shared.server.port, timeout=30)
+        try:
+            form = urllib.parse.urlencode({"username": "webui", "password": password})
+            connection.request("POST", "/login", body=form, headers={
+                "Content-Type": "application/x-www-form-urlencoded", "X-Forwarded-For": forwarded_for})
+            return connection.getresponse().status
+        finally:
+            connection.close()
+
+    statuses = [direct(f"guess-{number}", f"192.0.2.{number}") for number in range(6)]
+    assert statuses[:5] == [400] * 5 and statuses[5] == 429, statuses
+    assert direct(shared.password, "9.9.9.9") == 429, "a new header during the lockout is no way out"
+    # Visitors through the tunnel are other clients: the local lockout does not reach them.
+    form = urllib.parse.urlencode({"username": "webui", "password": shared.password}).encode()
+    assert through_tunnel(shared, "POST", "/login", {
+        "Content-Type": "application/x-www-form-urlencoded", "X-Forwarded-For": "198.51.100.77"}, form)[0] == 200
+
+
 def test_the_local_address_needs_the_login_too(shared: Shared) -> None:
     connection = http.client.HTTPConnection("127.0.0.1", shared.server.port, timeout=30)
     connection.request("GET", "/sdapi/v1/sd-models")

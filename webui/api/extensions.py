@@ -1,5 +1,5 @@
 """REST routes for managing extensions (/api/v1/extensions: list, install, enable, disable, check, update, remove,
-index), A1111's GET /sdapi/v1/extensions shape, and the boot id the page polls across a restart.
+the index to install from), A1111's GET /sdapi/v1/extensions shape, and the boot id the page polls across a restart.
 Must not import torch, webui.engine or gradio; the work is done by webui.app.extensions.ExtensionHost."""
 
 from __future__ import annotations
@@ -7,19 +7,31 @@ from __future__ import annotations
 import datetime
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from webui.app.extensions import ExtensionAccessError, ExtensionError, ExtensionHost, ExtensionInfo
+from webui.api.validation import JsonErrorRoute, require_unicode
+from webui.app.extensions import (
+    INDEX_URL_MAX_CHARACTERS,
+    ExtensionAccessError,
+    ExtensionError,
+    ExtensionHost,
+    ExtensionInfo,
+    IndexEntry,
+)
 from webui.core.params import ParamError
 
 PREFIX = "/api/v1/extensions"
 # Paths extensions may not claim with their own REST routes (the program's own routes live there).
 RESERVED_ROUTE_PREFIXES = ("/sdapi", "/api/", "/gradio_api", "/internal", "/config", "/login", "/logout",
                            "/file", "/assets", "/static", "/theme", "/docs", "/openapi", "/queue", "/upload")
+
+Url = Annotated[str, Field(min_length=1, max_length=INDEX_URL_MAX_CHARACTERS), BeforeValidator(require_unicode)]
+Branch = Annotated[str, Field(max_length=256), BeforeValidator(require_unicode)]
+FolderName = Annotated[str, Field(max_length=64), BeforeValidator(require_unicode)]
 
 
 class ExtensionItem(BaseModel):
@@ -42,15 +54,21 @@ class ExtensionItem(BaseModel):
 class InstallRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(min_length=1, description="git URL (https, git, ssh or a local path)")
-    branch: str = Field("", description="branch to check out; empty: the remote's default")
-    folder: str = Field("", description="folder name; empty: the manifest's name")
+    url: Url = Field(description="git URL (https, git, ssh or a local path)")
+    branch: Branch = Field("", description="branch to check out; empty: the remote's default")
+    folder: FolderName = Field("", description="folder name; empty: the manifest's name")
 
 
 class EnableRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     install_requirements: bool = Field(False, description="consent to pip-install the manifest's requirements")
+
+
+class IndexRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: Url = Field(description="http(s) URL of an index JSON in A1111's format; saved as the index once it loads")
 
 
 class Message(BaseModel):
@@ -68,6 +86,11 @@ class IndexItem(BaseModel):
     description: str
     tags: list[str]
     installed: bool
+
+
+def index_items(entries: list[IndexEntry]) -> list[IndexItem]:
+    return [IndexItem(name=e.name, url=e.url, description=e.description, tags=list(e.tags), installed=e.installed)
+            for e in entries]
 
 
 def item_of(info: ExtensionInfo) -> ExtensionItem:
@@ -115,18 +138,27 @@ async def _call(action: Callable[[], Any]) -> Any:
 
 
 def build_extensions_router(host: ExtensionHost) -> APIRouter:
-    router = APIRouter(prefix=PREFIX, tags=["extensions"])
+    router = APIRouter(prefix=PREFIX, tags=["extensions"], route_class=JsonErrorRoute)
 
     @router.get("", response_model=list[ExtensionItem])
     async def list_extensions() -> list[ExtensionItem]:
         infos = await _call(host.list_extensions)
         return [item_of(info) for info in infos]
 
-    @router.get("/index", response_model=list[IndexItem])
-    async def index(url: str = "") -> list[IndexItem]:
-        entries = await _call(lambda: host.fetch_index(url or None))
-        return [IndexItem(name=e.name, url=e.url, description=e.description, tags=list(e.tags), installed=e.installed)
-                for e in entries]
+    @router.get("/index", response_model=list[IndexItem], summary="The extensions listed by the saved index URL")
+    async def index() -> list[IndexItem]:
+        # No URL parameter: a GET is something any web page can make the browser send, so it reads the index
+        # the user chose and nothing else.
+        return index_items(await _call(host.fetch_index))
+
+    @router.post("/index", response_model=list[IndexItem], summary="Load an index from a URL and save the URL")
+    async def load_index(request: IndexRequest) -> list[IndexItem]:
+        def fetch_and_save() -> list[IndexEntry]:
+            entries = host.fetch_index(request.url)
+            host.save_index_url(request.url)
+            return entries
+
+        return index_items(await _call(fetch_and_save))
 
     @router.post("/install", response_model=Message)
     async def install(request: InstallRequest) -> Message:

@@ -3,24 +3,20 @@ Must not import torch, webui.engine or gradio; it speaks only to webui.app and w
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import math
-from collections.abc import Awaitable, Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
-from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
-from fastapi.routing import APIRoute
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from webui.api.auth import Caller, caller_of
 from webui.api.checkpoints import could_be_a_hash, find_checkpoint
 from webui.api.context import ApiContext, CheckpointListing
+from webui.api.validation import JsonErrorRoute, Name, NonEmptyName, PromptText
 from webui.app.queue import JobSnapshot, JobState, LoadCheckpointRequest, QueueClosedError, Txt2ImgRequest
 from webui.core.infotext import parse_infotext
 from webui.core.params import (
@@ -46,48 +42,6 @@ NOT_FOUND_RESPONSE = {"description": "No such job, checkpoint or file"}
 _DEFAULTS = GenerationParams()
 
 
-def _require_unicode(text: str) -> str:
-    # JSON may carry lone surrogates ("\\ud800"); such text could never be saved in an infotext or sent back.
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
-    return text
-
-
-Text = Annotated[str, AfterValidator(_require_unicode)]
-
-
-def _json_safe(value: object) -> object:
-    """`value` with non-finite floats and lone surrogates replaced, so that echoing bad input stays valid JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return repr(value)
-    if isinstance(value, str):
-        return value.encode("utf-8", "replace").decode("utf-8")
-    if isinstance(value, dict):
-        return {_json_safe(key): _json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
-    return value
-
-
-class SafeValidationErrorRoute(APIRoute):
-    """Answers request validation errors itself: FastAPI's 422 echoes the input, and an echoed NaN (Python's
-    json reads NaN and Infinity) or lone surrogate cannot be encoded, which would turn bad input into a 500."""
-
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
-        handler = super().get_route_handler()
-
-        async def handle(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except RequestValidationError as error:
-                detail = _json_safe(jsonable_encoder(error.errors()))
-                return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
-
-        return handle
-
-
 def _int_field(name: str, default: int, description: str) -> Any:
     limit = INT_LIMITS[name]
     multiple_of = limit.multiple_of if limit.multiple_of > 1 else None
@@ -106,13 +60,13 @@ class JobCreateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: Text = Field(_DEFAULTS.prompt, description="Positive prompt, A1111 syntax")
-    negative_prompt: Text = Field(_DEFAULTS.negative_prompt, description="Negative prompt")
-    checkpoint: Text | None = Field(
+    prompt: PromptText = Field(_DEFAULTS.prompt, description="Positive prompt, A1111 syntax")
+    negative_prompt: PromptText = Field(_DEFAULTS.negative_prompt, description="Negative prompt")
+    checkpoint: Name | None = Field(
         _DEFAULTS.checkpoint, description="Checkpoint name, stem or short hash; null keeps the loaded model"
     )
-    sampler: Text = Field(_DEFAULTS.sampler, min_length=1, description="A1111 sampler name, e.g. 'Euler a'")
-    scheduler: Text = Field(_DEFAULTS.scheduler, min_length=1, description="A1111 schedule type, e.g. 'Karras'")
+    sampler: NonEmptyName = Field(_DEFAULTS.sampler, description="A1111 sampler name, e.g. 'Euler a'")
+    scheduler: NonEmptyName = Field(_DEFAULTS.scheduler, description="A1111 schedule type, e.g. 'Karras'")
     steps: int = _int_field("steps", _DEFAULTS.steps, "Sampling steps")
     cfg_scale: float = _float_field("cfg_scale", _DEFAULTS.cfg_scale, "Classifier-free guidance scale")
     seed: int = _int_field("seed", _DEFAULTS.seed, "Seed; -1 draws a random one")
@@ -181,7 +135,7 @@ class ModelEntry(BaseModel):
 class LoadModelRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    checkpoint: Text = Field(min_length=1, description="Name, name without extension, stem or short hash")
+    checkpoint: NonEmptyName = Field(description="Name, name without extension, stem or short hash")
 
 
 class LoadModelResult(BaseModel):
@@ -214,19 +168,6 @@ def _validation_error(field: str, message: str) -> HTTPException:
     )
 
 
-def _request_user(request: Request) -> str | None:
-    """The Basic-auth user name, recorded as the job's owner; the router's auth dependency already checked it."""
-    scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "basic" or not encoded:
-        return None
-    try:
-        decoded = base64.b64decode(encoded, validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    user, separator, _ = decoded.partition(":")
-    return user if separator and user else None
-
-
 def _seed_of(infotext: str) -> int | None:
     try:
         return int(parse_infotext(infotext).fields["Seed"])
@@ -245,7 +186,7 @@ def _progress_fraction(snapshot: JobSnapshot) -> float:
 
 def build_jobs_router(context: ApiContext) -> APIRouter:
     """The /api/v1 routes over the shared queue, gallery and model listing."""
-    router = APIRouter(prefix=API_PREFIX, tags=["jobs"], route_class=SafeValidationErrorRoute)
+    router = APIRouter(prefix=API_PREFIX, tags=["jobs"], route_class=JsonErrorRoute)
 
     def outputs_root() -> Path:
         return context.outputs_root().resolve()
@@ -261,11 +202,15 @@ def build_jobs_router(context: ApiContext) -> APIRouter:
                 return None
         return f"{OUTPUT_FILE_ROUTE}?path={quote(relative.as_posix(), safe='/')}"
 
-    def snapshot_or_404(job_id: str) -> JobSnapshot:
+    def snapshot_or_404(job_id: str, caller: Caller) -> JobSnapshot:
+        """The job if this caller may see it; another user's job is as unknown as one that never existed."""
         try:
-            return context.queue.snapshot(job_id)
+            snapshot = context.queue.snapshot(job_id)
         except KeyError:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id!r} not found") from None
+            snapshot = None
+        if snapshot is None or not caller.may_act_on(snapshot.owner):
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id!r} not found")
+        return snapshot
 
     def job_status(snapshot: JobSnapshot) -> JobStatus:
         progress = snapshot.progress
@@ -302,7 +247,7 @@ def build_jobs_router(context: ApiContext) -> APIRouter:
     )
     def create_job(body: JobCreateRequest, request: Request, response: Response) -> JobCreated:
         try:
-            job_id = context.queue.submit(Txt2ImgRequest(body.to_params()), owner=_request_user(request))
+            job_id = context.queue.submit(Txt2ImgRequest(body.to_params()), owner=caller_of(request).user)
         except ParamError as error:
             raise _validation_error(error.field, str(error)) from None
         except QueueClosedError as error:
@@ -314,8 +259,8 @@ def build_jobs_router(context: ApiContext) -> APIRouter:
         return JobCreated(job_id=job_id, seed=seed)
 
     @router.get("/jobs/{job_id}", response_model=JobStatus, responses={404: NOT_FOUND_RESPONSE}, summary="A job")
-    def get_job(job_id: str) -> JobStatus:
-        return job_status(snapshot_or_404(job_id))
+    def get_job(job_id: str, request: Request) -> JobStatus:
+        return job_status(snapshot_or_404(job_id, caller_of(request)))
 
     @router.get(
         "/jobs/{job_id}/preview",
@@ -326,8 +271,8 @@ def build_jobs_router(context: ApiContext) -> APIRouter:
         },
         summary="A running job's live preview",
     )
-    def get_preview(job_id: str) -> Response:
-        snapshot = snapshot_or_404(job_id)
+    def get_preview(job_id: str, request: Request) -> Response:
+        snapshot = snapshot_or_404(job_id, caller_of(request))
         if snapshot.preview is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id!r} has no preview")
         buffer = io.BytesIO()
@@ -337,13 +282,14 @@ def build_jobs_router(context: ApiContext) -> APIRouter:
     @router.delete(
         "/jobs/{job_id}", response_model=JobCancelled, responses={404: NOT_FOUND_RESPONSE}, summary="Cancel a job",
     )
-    def cancel_job(job_id: str) -> JobCancelled:
-        snapshot_or_404(job_id)
+    def cancel_job(job_id: str, request: Request) -> JobCancelled:
+        caller = caller_of(request)
+        snapshot_or_404(job_id, caller)
         # False only for a job that has already finished: cancelling it again is a no-op, not an error.
         if context.queue.interrupt(job_id):
             snapshot = context.queue.wait(job_id, timeout=CANCEL_WAIT_SECONDS)
         else:
-            snapshot = snapshot_or_404(job_id)
+            snapshot = snapshot_or_404(job_id, caller)
         return JobCancelled(job_id=job_id, state=snapshot.state)
 
     # -- models ------------------------------------------------------------------------------------------------
@@ -391,7 +337,7 @@ def build_jobs_router(context: ApiContext) -> APIRouter:
         # A hash not yet computed can only be checked by hashing the files, which the worker does.
         wanted = listing.name if listing is not None else body.checkpoint.strip()
         try:
-            job_id = context.queue.submit(LoadCheckpointRequest(wanted), owner=_request_user(request))
+            job_id = context.queue.submit(LoadCheckpointRequest(wanted), owner=caller_of(request).user)
         except ParamError as error:
             raise _validation_error(error.field, str(error)) from None
         except QueueClosedError as error:

@@ -3,13 +3,23 @@ Must not import torch, webui.engine or gradio; pydantic only, no behaviour beyon
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from webui.api.validation import Name, PromptText, require_unicode
+from webui.core.params import MAX_PROMPT_CHARACTERS
 
 # A1111's API defaults differ from its UI (spec k.3): 50 steps and the Euler sampler via sampler_index.
 API_DEFAULT_STEPS = 50
 API_DEFAULT_SAMPLER_INDEX = "Euler"
+# Bounds on the free-form parts of a request, far beyond what A1111 clients send: a request is refused (422 naming
+# the field and the limit) before anything reads it further.
+MAX_LIST_ITEMS = 256
+MAX_SCRIPTS = 64
+# An infotext holds a prompt, a negative prompt and the settings lines.
+MAX_INFOTEXT_CHARACTERS = 2 * MAX_PROMPT_CHARACTERS + 8192
+InfotextText = Annotated[str, Field(max_length=MAX_INFOTEXT_CHARACTERS), BeforeValidator(require_unicode)]
 
 
 class _LenientModel(BaseModel):
@@ -42,16 +52,16 @@ class Txt2ImgApiRequest(_LenientModel):
         extra="ignore", populate_by_name=True, allow_inf_nan=False, title="StableDiffusionTxt2ImgProcessingAPI"
     )
 
-    prompt: str = ""
-    negative_prompt: str = ""
-    styles: list[str] | None = None
+    prompt: PromptText = ""
+    negative_prompt: PromptText = ""
+    styles: Annotated[list[Name], Field(max_length=MAX_LIST_ITEMS)] | None = None
     seed: int = -1
     subseed: int = -1
     subseed_strength: float = 0.0
     seed_resize_from_h: int = -1
     seed_resize_from_w: int = -1
-    sampler_name: str | None = None
-    scheduler: str | None = None
+    sampler_name: Name | None = None
+    scheduler: Name | None = None
     batch_size: int = 1
     n_iter: int = 1
     steps: int = API_DEFAULT_STEPS
@@ -69,34 +79,34 @@ class Txt2ImgApiRequest(_LenientModel):
     s_tmax: float | None = None
     s_tmin: float | None = None
     s_noise: float | None = None
-    override_settings: dict[str, Any] | None = None
+    override_settings: Annotated[dict[Name, Any], Field(max_length=MAX_LIST_ITEMS)] | None = None
     override_settings_restore_afterwards: bool = True
-    refiner_checkpoint: str | None = None
+    refiner_checkpoint: Name | None = None
     refiner_switch_at: float | None = None
     disable_extra_networks: bool = False
     firstpass_image: str | None = None
-    comments: dict[str, Any] | None = None
+    comments: Annotated[dict[Name, Any], Field(max_length=MAX_LIST_ITEMS)] | None = None
     enable_hr: bool = False
     firstphase_width: int = 0
     firstphase_height: int = 0
     hr_scale: float = 2.0
-    hr_upscaler: str | None = None
+    hr_upscaler: Name | None = None
     hr_second_pass_steps: int = 0
     hr_resize_x: int = 0
     hr_resize_y: int = 0
-    hr_checkpoint_name: str | None = None
-    hr_sampler_name: str | None = None
-    hr_scheduler: str | None = None
-    hr_prompt: str = ""
-    hr_negative_prompt: str = ""
-    force_task_id: str | None = None
-    sampler_index: str = API_DEFAULT_SAMPLER_INDEX
-    script_name: str | None = None
-    script_args: list[Any] = Field(default_factory=list)
+    hr_checkpoint_name: Name | None = None
+    hr_sampler_name: Name | None = None
+    hr_scheduler: Name | None = None
+    hr_prompt: PromptText = ""
+    hr_negative_prompt: PromptText = ""
+    force_task_id: Name | None = None
+    sampler_index: Name = API_DEFAULT_SAMPLER_INDEX
+    script_name: Name | None = None
+    script_args: list[Any] = Field(default_factory=list, max_length=MAX_LIST_ITEMS)
     send_images: bool = True
     save_images: bool = False
-    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
-    infotext: str | None = None
+    alwayson_scripts: dict[Name, Any] = Field(default_factory=dict, max_length=MAX_SCRIPTS)
+    infotext: InfotextText | None = None
 
 
 class TextToImageResponse(BaseModel):

@@ -10,7 +10,6 @@ import datetime
 import io
 import json
 import logging
-import math
 import os
 import sys
 import threading
@@ -20,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Body, HTTPException, Query, Request, Response
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from webui.api import schemas
+from webui.api.auth import Caller, caller_of
 from webui.api.checkpoints import (
     checkpoint_title,
     could_be_a_hash,
@@ -37,6 +36,7 @@ from webui.api.checkpoints import (
 )
 from webui.api.context import ApiContext, CheckpointListing
 from webui.api.extensions import a1111_extension_list
+from webui.api.validation import json_safe, validation_error_response
 from webui.app.outputs import SavedImage, encode_image_with_infotext, read_infotext
 from webui.app.queue import (
     TXT2IMG_KIND,
@@ -124,9 +124,7 @@ class A1111Route(APIRoute):
             try:
                 return await handle(request)
             except RequestValidationError as error:
-                # FastAPI's own 422 body, but NaN or infinity echoed from the input must not break its encoding.
-                content = {"detail": json_safe(jsonable_encoder(error.errors()))}
-                return JSONResponse(status_code=422, content=content)
+                return validation_error_response(error)
             except StarletteHTTPException as error:
                 # Starlette's base class: FastAPI raises it too, e.g. 400 for a body that is not UTF-8.
                 return a1111_error_response(error.status_code, str(error.detail), headers=error.headers)
@@ -231,21 +229,6 @@ def decode_base64_image(text: str) -> Image.Image:
         return Image.open(io.BytesIO(data))
     except Exception:  # PIL raises several types (UnidentifiedImageError, DecompressionBombError, SyntaxError...)
         raise HTTPException(422, "image: not a readable image (png, jpeg or webp expected)") from None
-
-
-def json_safe(value: Any) -> Any:
-    """`value` with NaN and infinities replaced by None: free-form request fields are echoed back, and
-    strict JSON (what the response encoder writes) has no spelling for them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, str):
-        # A lone surrogate ("\ud800" in the JSON) cannot be encoded as UTF-8 on the way back.
-        return value.encode("utf-8", "backslashreplace").decode("utf-8")
-    if isinstance(value, Mapping):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    return value
 
 
 def _json_safe_items(info: Mapping[object, object]) -> dict[str, Any]:
@@ -434,15 +417,17 @@ class SdapiRoutes:
         available = ", ".join(checkpoint_title(item, None) for item in listings) or "none"
         raise HTTPException(404, f"{field}: no checkpoint matches {query!r} (available: {available})")
 
-    def run_checkpoint_job(self, request: LoadCheckpointRequest | UnloadCheckpointRequest) -> JobSnapshot:
-        snapshot = self.context.queue.wait(self._submit(request))
+    def run_checkpoint_job(self, request: LoadCheckpointRequest | UnloadCheckpointRequest,
+                           caller: Caller) -> JobSnapshot:
+        snapshot = self.context.queue.wait(self._submit(request, caller))
         if snapshot.state is JobState.FAILED:
             raise http_error_for_failed_job(snapshot.error or "loading failed", "sd_model_checkpoint")
         return snapshot
 
-    def _submit(self, request: Txt2ImgRequest | LoadCheckpointRequest | UnloadCheckpointRequest) -> str:
+    def _submit(self, request: Txt2ImgRequest | LoadCheckpointRequest | UnloadCheckpointRequest,
+                caller: Caller) -> str:
         try:
-            return self.context.queue.submit(request)
+            return self.context.queue.submit(request, owner=caller.user)
         except ParamError as error:
             raise http_error_for(error) from None
         except QueueClosedError as error:
@@ -576,13 +561,13 @@ class SdapiRoutes:
             extensions=self.extension_values(request),
         )
 
-    def txt2img(self, request: schemas.Txt2ImgApiRequest) -> dict[str, Any]:
+    def txt2img(self, request: schemas.Txt2ImgApiRequest, caller: Caller) -> dict[str, Any]:
         request = self.apply_infotext(request)
         self.check_supported(request)
         settings = self.job_settings(request)
         params = self.generation_params(request, settings)
         timestamp = datetime.datetime.now().strftime(JOB_TIMESTAMP_FORMAT)
-        job_id = self._submit(Txt2ImgRequest(params, save=request.save_images))
+        job_id = self._submit(Txt2ImgRequest(params, save=request.save_images), caller)
         self._remember(self._job_timestamps, job_id, timestamp)
         snapshot = self.context.queue.wait(job_id)
         try:
@@ -694,10 +679,11 @@ class SdapiRoutes:
             "outdir": current.outdir,
             "filename_pattern": current.filename_pattern,
             "preview_every_n_steps": preview_every,
+            "max_prompt_chunks": current.max_prompt_chunks,
             "ui_defaults": dict(current.ui_defaults),
         }
 
-    def set_options(self, body: Mapping[str, Any]) -> None:
+    def set_options(self, body: Mapping[str, Any], caller: Caller) -> None:
         """Apply what changed compared with GET /options; A1111 clients post the whole dict back."""
         current = self.options()
         changed = {key: value for key, value in body.items() if key in current and current[key] != value}
@@ -726,7 +712,7 @@ class SdapiRoutes:
             elif key == "show_progress_every_n_steps":
                 updates["preview_every_n_steps"] = self._preview_steps_from_a1111(value)
                 posted_as["preview_every_n_steps"] = key
-            elif key == "preview_every_n_steps":
+            elif key in ("preview_every_n_steps", "max_prompt_chunks"):
                 updates[key] = value
             elif key == "sd_vae":
                 updates[key] = _choice_setting("sd_vae", value, tuple(self.vae_choices()))
@@ -747,7 +733,7 @@ class SdapiRoutes:
                 raise HTTPException(422, f"{field}: {error.reason}") from None
         if checkpoint is not None:
             name, listing = checkpoint
-            self.run_checkpoint_job(LoadCheckpointRequest(name))
+            self.run_checkpoint_job(LoadCheckpointRequest(name), caller)
             loaded = self.context.loaded_checkpoint()
             # A bare hash is saved as the name of the model it loaded, so the choice survives a restart.
             saved_name = listing.name if listing is not None else (loaded[0] if loaded is not None else name)
@@ -765,10 +751,15 @@ class SdapiRoutes:
 
     # -- progress ----------------------------------------------------------------------------------------------
 
-    def progress(self, skip_current_image: bool) -> schemas.ProgressResponse:
-        running = self.context.queue.running_snapshot()
+    def progress(self, skip_current_image: bool, caller: Caller) -> schemas.ProgressResponse:
+        """A1111's state of the caller's current job; another user's job is never shown (idle instead)."""
+        running = self.context.queue.current_job(caller.jobs_of)
         if running is None:
             return schemas.ProgressResponse(progress=0, eta_relative=0, state=schemas.ProgressState())
+        if running.state is JobState.QUEUED:
+            # Waiting behind other jobs: A1111 has no queue, so its idle state with our queue line.
+            return schemas.ProgressResponse(progress=0, eta_relative=0, state=schemas.ProgressState(),
+                                            textinfo=running.message, current_task=running.job_id)
         progress = running.progress
         job_count = progress.batch_count if progress is not None else 1
         job_no = progress.batch_index if progress is not None else 0
@@ -812,13 +803,14 @@ class SdapiRoutes:
             self._preview_cache = (running.job_id, running.preview_version, encoded)
         return encoded
 
-    def interrupt(self) -> None:
-        running = self.context.queue.running_snapshot()
-        if running is not None and self.context.queue.interrupt(running.job_id):
-            self._remember(self._interrupted, running.job_id, None)
+    def interrupt(self, caller: Caller) -> None:
+        """A1111's no-argument interrupt: the caller's current job (anyone's for the admin or without a login)."""
+        current = self.context.queue.current_job(caller.jobs_of)
+        if current is not None and self.context.queue.interrupt(current.job_id):
+            self._remember(self._interrupted, current.job_id, None)
 
-    def skip(self) -> None:
-        running = self.context.queue.running_snapshot()
+    def skip(self, caller: Caller) -> None:
+        running = self.context.queue.current_job(caller.jobs_of)
         if running is not None and self.context.queue.skip(running.job_id):
             batch_index = running.progress.batch_index if running.progress is not None else 0
             self._remember(self._skipped, running.job_id, batch_index)
@@ -839,11 +831,11 @@ class SdapiRoutes:
             for listing in self.context.list_checkpoints()
         ]
 
-    def reload_checkpoint(self) -> None:
+    def reload_checkpoint(self, caller: Caller) -> None:
         selected = self.selected_checkpoint(self.context.list_checkpoints())
         if selected is None:
             raise HTTPException(404, "sd_model_checkpoint: no checkpoint found in the model folders")
-        self.run_checkpoint_job(LoadCheckpointRequest(selected.name))
+        self.run_checkpoint_job(LoadCheckpointRequest(selected.name), caller)
 
     def png_info(self, request: schemas.PngInfoRequest) -> dict[str, Any]:
         if not request.image.strip():
@@ -866,21 +858,21 @@ def build_sdapi_router(context: ApiContext) -> APIRouter:
     # clients poll during a job are async, so they answer even while every pool thread waits on a job.
 
     @router.post("/txt2img", response_model=schemas.TextToImageResponse)
-    def txt2img(request: schemas.Txt2ImgApiRequest) -> dict[str, Any]:
-        return routes.txt2img(request)
+    def txt2img(request: schemas.Txt2ImgApiRequest, http: Request) -> dict[str, Any]:
+        return routes.txt2img(request, caller_of(http))
 
     @router.get("/progress", response_model=schemas.ProgressResponse)
-    async def progress(skip_current_image: bool = Query(False)) -> schemas.ProgressResponse:  # noqa: B008
-        return routes.progress(skip_current_image)
+    async def progress(http: Request, skip_current_image: bool = Query(False)) -> schemas.ProgressResponse:  # noqa: B008
+        return routes.progress(skip_current_image, caller_of(http))
 
     @router.post("/interrupt")
-    async def interrupt() -> dict[str, Any]:
-        routes.interrupt()
+    async def interrupt(http: Request) -> dict[str, Any]:
+        routes.interrupt(caller_of(http))
         return {}
 
     @router.post("/skip")
-    async def skip() -> dict[str, Any]:
-        routes.skip()
+    async def skip(http: Request) -> dict[str, Any]:
+        routes.skip(caller_of(http))
         return {}
 
     @router.get("/options")
@@ -888,8 +880,8 @@ def build_sdapi_router(context: ApiContext) -> APIRouter:
         return routes.options()
 
     @router.post("/options")
-    def set_options(body: dict[str, Any] = Body(...)) -> None:  # noqa: B008
-        routes.set_options(body)
+    def set_options(http: Request, body: dict[str, Any] = Body(...)) -> None:  # noqa: B008
+        routes.set_options(body, caller_of(http))
 
     @router.get("/cmd-flags")
     def cmd_flags() -> dict[str, Any]:
@@ -958,13 +950,13 @@ def build_sdapi_router(context: ApiContext) -> APIRouter:
         router.add_api_route(nothing_to_refresh, _nothing, methods=["POST"], name=nothing_to_refresh.strip("/"))
 
     @router.post("/reload-checkpoint")
-    def reload_checkpoint() -> dict[str, Any]:
-        routes.reload_checkpoint()
+    def reload_checkpoint(http: Request) -> dict[str, Any]:
+        routes.reload_checkpoint(caller_of(http))
         return {}
 
     @router.post("/unload-checkpoint")
-    def unload_checkpoint() -> dict[str, Any]:
-        routes.run_checkpoint_job(UnloadCheckpointRequest())
+    def unload_checkpoint(http: Request) -> dict[str, Any]:
+        routes.run_checkpoint_job(UnloadCheckpointRequest(), caller_of(http))
         return {}
 
     @router.post("/png-info", response_model=schemas.PngInfoResponse)

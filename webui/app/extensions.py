@@ -66,6 +66,7 @@ DEFAULT_INDEX_URL = (
     "https://raw.githubusercontent.com/AUTOMATIC1111/stable-diffusion-webui-extensions/master/index.json"
 )
 INDEX_MAX_BYTES = 20 * 1024 * 1024
+INDEX_URL_MAX_CHARACTERS = 2048
 GIT_TIMEOUT_S = 300
 PIP_TIMEOUT_S = 900
 MODULE_PREFIX = "webui_extension_"
@@ -242,6 +243,21 @@ def run_git(args: Sequence[str], cwd: Path | None = None, timeout: float = GIT_T
         message = (completed.stderr or completed.stdout).strip().splitlines()[-3:]
         raise ExtensionError(f"git {args[0]} failed: {' '.join(message) or f'exit code {completed.returncode}'}")
     return completed.stdout.strip()
+
+
+def checked_index_url(url: str) -> str:
+    """`url` stripped, if it is an http(s) URL with a host (of at most 2048 characters); ExtensionError otherwise."""
+    url = url.strip() if isinstance(url, str) else ""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        has_host = bool(parts.hostname)
+    except ValueError:  # a malformed host ("http://[::1") or port
+        has_host = False
+    printable = all(ch.isprintable() and not ch.isspace() for ch in url)
+    if not (has_host and parts.scheme in ("http", "https") and printable and len(url) <= INDEX_URL_MAX_CHARACTERS):
+        raise ExtensionError("the index URL must be an http:// or https:// URL "
+                             f"of at most {INDEX_URL_MAX_CHARACTERS} characters")
+    return url
 
 
 def folder_name_from_url(url: str) -> str:
@@ -771,15 +787,15 @@ class ExtensionHost:
             try:
                 run_git(["clone", *(["--branch", branch] if branch else []), "--", url, str(staging)])
                 try:
-                    name = read_manifest(staging).name
+                    manifest_name = read_manifest(staging).name
                 except ValueError:
-                    name = folder_name_from_url(url)
-                name = folder or name
+                    manifest_name = folder_name_from_url(url)
+                name = folder or manifest_name
                 if not NAME_PATTERN.match(name):
                     raise ExtensionError(f"cannot name the extension's folder {name!r}; give a folder name")
                 target = self.user_dir / name
-                if target.exists() or name in self._records:
-                    raise ExtensionError(f"an extension named {name} is already installed")
+                if target.exists() or name in self._records or manifest_name in self._records:
+                    raise ExtensionError(f"an extension named {manifest_name} is already installed")
                 os.replace(staging, target)
             finally:
                 if staging.exists():
@@ -787,10 +803,13 @@ class ExtensionHost:
             with self._lock:
                 self._discover()
                 self._rebuild_hook_table()
-        record = self._record(name)
+                # Looked up by folder: the manifest's name, not the folder's, is the extension's name.
+                record = next(record for record in self._records.values() if record.directory == target)
+        where = f" into {target.name}/" if target.name != record.name else ""
         if record.manifest is None:
-            return f"Installed {name}, but it cannot be enabled: bad manifest: {record.manifest_error}"
-        return f"Installed {name} {record.manifest.version} (disabled: none of its code ran). Enable it to use it."
+            return f"Installed {record.name}{where}, but it cannot be enabled: bad manifest: {record.manifest_error}"
+        return (f"Installed {record.name} {record.manifest.version}{where} (disabled: none of its code ran). "
+                "Enable it to use it.")
 
     def _user_record(self, name: str, action: str) -> _Record:
         record = self._record(name)
@@ -854,31 +873,40 @@ class ExtensionHost:
     def index_url(self) -> str:
         return self._state.index_url
 
-    def fetch_index(self, url: str | None = None) -> list[IndexEntry]:
-        """The extensions listed by an index JSON (A1111's format) at `url` (http(s), file:// or a path)."""
-        url = (url or self._state.index_url).strip()
-        try:
-            if url.startswith(("http://", "https://")):
-                with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 - scheme checked above
-                    data = response.read(INDEX_MAX_BYTES + 1)
-            else:
-                path = Path(urllib.parse.urlsplit(url).path if url.startswith("file://") else url)
-                data = path.read_bytes()[: INDEX_MAX_BYTES + 1]
-        except (OSError, ValueError) as error:
-            raise ExtensionError(f"could not load the index from {url}: {error}") from None
-        if len(data) > INDEX_MAX_BYTES:
-            raise ExtensionError(f"the index at {url} is larger than {INDEX_MAX_BYTES // (1024 * 1024)} MB")
-        try:
-            document = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as error:
-            raise ExtensionError(f"the index at {url} is not JSON: {error}") from None
-        entries = document.get("extensions") if isinstance(document, dict) else document
-        if not isinstance(entries, list):
-            raise ExtensionError(f'the index at {url} has no "extensions" list')
-        if url != self._state.index_url:
-            with self._lock:
+    def save_index_url(self, url: str) -> None:
+        """Remember `url` (checked as fetch_index checks it) as the index the Available list loads."""
+        url = checked_index_url(url)
+        with self._lock:
+            if url != self._state.index_url:
                 self._state.index_url = url
                 self._write_state()
+
+    def fetch_index(self, url: str | None = None) -> list[IndexEntry]:
+        """The extensions listed by the index JSON (A1111's format) at an http(s) `url`, or at the saved index URL.
+
+        Only reads: saving the URL is save_index_url's (a request that changes state). Local files are read only
+        from bytes the user picked in the UI (read_index), never from a path a request names. The error says that
+        the index could not be loaded, never what was found there (whether a host answered, a file existed)."""
+        url = checked_index_url(url if url is not None else self._state.index_url)
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 - checked_index_url: http(s) only
+                data = response.read(INDEX_MAX_BYTES + 1)
+        except (OSError, ValueError) as error:
+            logger.warning("could not load the extension index from %s: %s", url, error)
+            raise ExtensionError(f"could not load the index from {url}") from None
+        return self.read_index(data, url)
+
+    def read_index(self, data: bytes, source: str) -> list[IndexEntry]:
+        """The extensions listed in an index document's bytes; `source` names it in errors."""
+        if len(data) > INDEX_MAX_BYTES:
+            raise ExtensionError(f"the index at {source} is larger than {INDEX_MAX_BYTES // (1024 * 1024)} MB")
+        try:
+            document = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise ExtensionError(f"the index at {source} is not JSON") from None
+        entries = document.get("extensions") if isinstance(document, dict) else document
+        if not isinstance(entries, list):
+            raise ExtensionError(f'the index at {source} has no "extensions" list')
         with self._lock:
             records = list(self._records.values())
         remotes = {normalised_remote(remote) for remote in map(self._remote, records) if remote}

@@ -158,6 +158,8 @@ class JobReporter:
 
 
 JobExecutor = Callable[[JobRequest, JobReporter, JobControl], None]
+# Checks a job needs beyond its own fields (the prompt-length limit, which needs the tokenizer); ParamError refuses.
+RequestCheck = Callable[[JobRequest], None]
 
 
 def _error_text(error: BaseException) -> str:
@@ -172,11 +174,14 @@ class GenerationQueue:
     """FIFO jobs run one at a time by a single daemon worker thread, the only thread that runs `executor`.
 
     UI and API share one queue; interrupt and skip act on one job id only, so users never stop each
-    other's work. Finished jobs stay readable until `keep_finished` newer ones have finished.
+    other's work. Finished jobs stay readable until `keep_finished` newer ones have finished. `check_request`
+    runs on every job at submit, so a refused job is never queued.
     """
 
-    def __init__(self, executor: JobExecutor, keep_finished: int = 200) -> None:
+    def __init__(self, executor: JobExecutor, keep_finished: int = 200,
+                 check_request: RequestCheck | None = None) -> None:
         self._executor = executor
+        self._check_request = check_request
         self._keep_finished = max(0, keep_finished)
         # One lock and one condition for everything: updates are tiny, and every waiter re-checks its job.
         self._lock = threading.Lock()
@@ -240,6 +245,8 @@ class GenerationQueue:
             kind = UNLOAD_CHECKPOINT_KIND
         else:
             raise TypeError(f"submit: unsupported request type {type(request).__name__}")
+        if self._check_request is not None:
+            self._check_request(request)
         job = _Job(job_id=uuid.uuid4().hex, request=request, kind=kind, owner=owner, first_seed=first_seed)
         with self._changed:
             if self._stopping:
@@ -278,6 +285,19 @@ class GenerationQueue:
         """The job the worker is running now, if any (A1111's /progress reports this one)."""
         with self._lock:
             return self._snapshot_locked(self._running) if self._running is not None else None
+
+    def current_job(self, owner: str | None) -> JobSnapshot | None:
+        """`owner`'s job that A1111's no-argument routes (progress, interrupt, skip) act on: the running one if it
+        is theirs, else their next queued one. `owner` None means anyone's: the running job."""
+        with self._lock:
+            if self._running is not None and (owner is None or self._running.owner == owner):
+                return self._snapshot_locked(self._running)
+            if owner is None:
+                return None
+            for job in self._pending:
+                if job.owner == owner:
+                    return self._snapshot_locked(job)
+            return None
 
     def queued_count(self) -> int:
         """Jobs waiting to run (not counting the running one)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from webui.core.files import write_file_atomically
-from webui.core.params import AUTOMATIC_VAE, OUTPUT_FORMATS, GenerationParams, ParamError
+from webui.core.params import AUTOMATIC_VAE, OUTPUT_FORMATS, GenerationParams, ParamError, check_text
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -24,6 +24,11 @@ SAMPLES_FORMATS = OUTPUT_FORMATS
 # A1111's show_progress_every_n_steps slider tops out at the steps limit; 0 turns previews off here.
 PREVIEW_STEPS_LOW = 0
 PREVIEW_STEPS_HIGH = 150
+# Prompt length in A1111's 75-token chunks: a 32-chunk prompt (2,400 tokens) is far beyond any real one, and
+# a job holding the one worker for minutes on a pasted book is what this limit prevents.
+PROMPT_CHUNKS_LOW = 1
+PROMPT_CHUNKS_HIGH = 256
+MAX_SETTING_CHARACTERS = 4096
 # A1111's slider ranges for the checkpoint cache (0-10) and checkpoints kept loaded (1-10).
 CHECKPOINT_CACHE_LOW, CHECKPOINT_CACHE_HIGH = 0, 10
 CHECKPOINTS_LIMIT_LOW, CHECKPOINTS_LIMIT_HIGH = 1, 10
@@ -63,6 +68,7 @@ SETTING_NOTES: Mapping[str, str] = MappingProxyType({
     "sd_vae": APPLIED_NOW,
     "sd_checkpoint_cache": APPLIED_NOW,
     "sd_checkpoints_limit": APPLIED_NOW,
+    "max_prompt_chunks": APPLIED_NOW,
     "ui_defaults": APPLIES_ON_RELOAD,
 })
 # Settings read only at start-up; none today, but a new one added here gets the restart note.
@@ -86,6 +92,7 @@ class UserSettings:
     # Checkpoints kept in RAM after being swapped out, so swapping back is a copy (A1111's key; its default is 0).
     sd_checkpoint_cache: int = 1
     sd_checkpoints_limit: int = 1  # checkpoints kept on the GPU at once (A1111's key and default)
+    max_prompt_chunks: int = 32  # longest prompt (and negative prompt) a job may have, in 75-token chunks
     # A mapping proxy cannot be hashed, so it stays out of the generated __hash__.
     ui_defaults: Mapping[str, object] = field(default_factory=_frozen_ui_defaults, hash=False)
 
@@ -113,6 +120,7 @@ def _integer(key: str, value: object, low: int, high: int) -> int:
 def _text(key: str, value: object) -> str:
     if not isinstance(value, str):
         raise ParamError(key, f"must be text, got {value!r}")
+    check_text(key, value, MAX_SETTING_CHARACTERS)
     if "\0" in value:
         raise ParamError(key, "must not contain a NUL character")
     return value
@@ -162,6 +170,10 @@ def _validate_checkpoints_limit(value: object) -> int:
     return _integer("sd_checkpoints_limit", value, CHECKPOINTS_LIMIT_LOW, CHECKPOINTS_LIMIT_HIGH)
 
 
+def _validate_prompt_chunks(value: object) -> int:
+    return _integer("max_prompt_chunks", value, PROMPT_CHUNKS_LOW, PROMPT_CHUNKS_HIGH)
+
+
 def _ui_default_value(key: str, value: object) -> object:
     """One ui_defaults value type-checked and normalised; ranges are GenerationParams' business."""
     qualified = f"ui_defaults.{key}"
@@ -206,6 +218,7 @@ _VALIDATORS: Mapping[str, Callable[[object], object]] = MappingProxyType({
     "sd_vae": _validate_vae,
     "sd_checkpoint_cache": _validate_checkpoint_cache,
     "sd_checkpoints_limit": _validate_checkpoints_limit,
+    "max_prompt_chunks": _validate_prompt_chunks,
 })
 
 

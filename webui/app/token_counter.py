@@ -1,5 +1,5 @@
-"""The prompt token counter the UI shows next to each prompt box, as A1111 counts (e.g. "82/150").
-Loads the CLIP tokenizer lazily on first use, so importing this module stays cheap; must not import gradio."""
+"""The prompt token counter the UI shows next to each prompt box, as A1111 counts (e.g. "82/150"), and the
+prompt-length limit every job is held to. Loads the CLIP tokenizer lazily on first use; must not import gradio."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 import threading
 from typing import TYPE_CHECKING
 
+from webui.core.params import GenerationParams, ParamError
 from webui.core.prompt_parser import get_prompt_schedule, strip_comments
 
 if TYPE_CHECKING:
@@ -53,3 +54,27 @@ class TokenCounter:
     def label(self, prompt: str, steps: int) -> str:
         count, target = self.count(prompt, steps)
         return f"{count}/{target}"
+
+    def chunk_count(self, prompt: str, steps: int, emphasis: str = "Original") -> int:
+        """75-token chunks of the prompt's longest scheduled text, as the text encoder would receive them."""
+        from webui.engine.conditioning import tokenize_prompt
+
+        texts = [text for _, text in get_prompt_schedule(strip_comments(prompt), max(steps, 1))]
+        # One tokenization, not one per scheduled text: the longest text has (all but) the most chunks.
+        longest = max(texts, key=len, default="")
+        try:
+            return len(tokenize_prompt(longest, self._get_tokenizer(), emphasis).chunks)
+        except ValueError:  # an unreadable emphasis weight fails later, with its own message
+            return len(tokenize_prompt(longest, self._get_tokenizer(), "None").chunks)
+
+    def check_prompt_length(self, params: GenerationParams, max_chunks: int) -> None:
+        """ParamError naming the prompt field when it needs more than `max_chunks` chunks of 75 tokens."""
+        for name in ("prompt", "negative_prompt"):
+            text = getattr(params, name)
+            if not text:
+                continue
+            chunks = self.chunk_count(text, params.steps, params.emphasis)
+            if chunks > max_chunks:
+                raise ParamError(name, f"must be at most {max_chunks} chunks of {CHUNK_LENGTH} tokens "
+                                       f"({max_chunks * CHUNK_LENGTH} tokens; the Settings tab sets the limit), "
+                                       f"got {chunks} chunks")

@@ -20,6 +20,11 @@ OUTPUT_FORMATS = ("png", "jpg", "webp")
 # (else its own VAE), and always the checkpoint's own VAE.
 AUTOMATIC_VAE = "Automatic"
 NO_VAE = "None"
+# A prompt longer than this is refused before anything else reads it: at 32 chunks of 75 tokens (the default
+# chunk limit) a prompt is about 10,000 characters, and tokenizing, parsing and saving stay cheap under this.
+MAX_PROMPT_CHARACTERS = 32_768
+# Checkpoint, sampler, schedule, VAE and other names: far beyond any real name, short enough to echo in errors.
+MAX_NAME_CHARACTERS = 1024
 # One value of an extension's control (webui.core.extension_values); scalars keep GenerationParams hashable.
 ExtensionValue = str | int | float | bool
 ExtensionValues = tuple[tuple[str, str, ExtensionValue], ...]
@@ -111,17 +116,14 @@ class GenerationParams:
                 raise ParamError(
                     name, f"must be between {float_limit.low:g} and {float_limit.high:g}, got {value:g}"
                 )
-        if not isinstance(self.vae, str) or not self.vae.strip():
-            raise ParamError("vae", f"must be {AUTOMATIC_VAE}, {NO_VAE} or a VAE file name, got {self.vae!r}")
         for name in ("prompt", "negative_prompt"):
-            text = getattr(self, name)
-            if not isinstance(text, str):
-                raise ParamError(name, "must be text")
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                # JSON can carry lone surrogates ("\ud800"); they can never be saved in an infotext.
-                raise ParamError(name, "must be valid Unicode text (no lone surrogates)") from None
+            check_text(name, getattr(self, name), MAX_PROMPT_CHARACTERS)
+        for name in ("sampler", "scheduler", "vae"):
+            check_text(name, getattr(self, name), MAX_NAME_CHARACTERS)
+        if self.checkpoint is not None:
+            check_text("checkpoint", self.checkpoint, MAX_NAME_CHARACTERS)
+        if not self.vae.strip():
+            raise ParamError("vae", f"must be {AUTOMATIC_VAE}, {NO_VAE} or a VAE file name, got {self.vae!r}")
         try:
             samplers.split_sampler_and_schedule(self.sampler, self.scheduler)
         except samplers.UnknownSamplerError as error:
@@ -150,6 +152,20 @@ class GenerationParams:
         others = [entry for entry in self.extensions if entry[0] != extension]
         mine = [(extension, key, value) for key, value in values.items()]
         return self.replace(extensions=tuple(sorted(others + mine, key=lambda entry: (entry[0], entry[1]))))
+
+
+def check_text(field: str, value: object, max_characters: int) -> str:
+    """`value` if it is text of at most `max_characters` that can be saved (UTF-8); ParamError naming `field`."""
+    if not isinstance(value, str):
+        raise ParamError(field, f"must be text, got {type(value).__name__}")
+    if len(value) > max_characters:
+        raise ParamError(field, f"must be at most {max_characters} characters, got {len(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        # JSON can carry lone surrogates ("\ud800"); they can never be saved in an infotext or a settings file.
+        raise ParamError(field, "must be valid Unicode text (no lone surrogates)") from None
+    return value
 
 
 def _check_extension_values(entries: object) -> None:

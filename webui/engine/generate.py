@@ -249,7 +249,12 @@ def generate(
             batch_seeds = seeds[batch_index * params.batch_size : (batch_index + 1) * params.batch_size]
             rng = ImageRNG(latent_shape, batch_seeds, params.rng_source, device)
 
-            def report_step(step: k_sampling.StepInfo, batch_index: int = batch_index) -> None:
+            # The latest x0 prediction: what an interrupted or skipped batch is decoded from, as in A1111.
+            last_denoised: list[torch.Tensor] = []
+
+            def report_step(step: k_sampling.StepInfo, batch_index: int = batch_index,
+                            last_denoised: list[torch.Tensor] = last_denoised) -> None:
+                last_denoised[:] = [step.denoised]
                 progress = Progress(step.step + 1, step.total_steps, batch_index, params.batch_count)
                 if on_progress is not None:
                     on_progress(progress)
@@ -269,9 +274,13 @@ def generate(
                     rng, batch_seeds, report_step,
                 )
             except SamplingStopped:
-                if control.interrupted:
-                    return
-                continue
+                # A1111 decodes and saves the picture so far (its sampler returns the last x0 prediction); before
+                # the first step there is nothing to show.
+                if not last_denoised:
+                    if control.interrupted:
+                        return
+                    continue
+                latents = last_denoised[0]
             images: list[GeneratedImage] = []
             for index, seed in enumerate(batch_seeds):
                 pixels = decode_latent(model.vae, latents[index : index + 1], model.vae_scaling_factor)
@@ -282,3 +291,5 @@ def generate(
                 )
                 images.append(GeneratedImage(image, seed, infotext))
             yield images
+            if control.interrupted:
+                return

@@ -59,6 +59,7 @@ class ExtensionsTab:
     index_choice: gr.Dropdown
     index_install: gr.Button
     index_entries: gr.State
+    index_file: gr.File
 
 
 def build_extensions_tab(ctx: UiContext) -> ExtensionsTab:
@@ -92,9 +93,11 @@ def build_extensions_tab(ctx: UiContext) -> ExtensionsTab:
             install = gr.Button("Install", variant="primary", elem_id="ext_install")
         with gr.Tab("Available", elem_id="extensions_available"):
             with gr.Row(equal_height=True):
-                index_url = gr.Textbox(label="Load from", value=host.index_url if host else "", scale=4,
-                                       elem_id="ext_index_url")
+                index_url = gr.Textbox(label="Load from (an http:// or https:// URL)",
+                                       value=host.index_url if host else "", scale=4, elem_id="ext_index_url")
                 index_load = gr.Button("Load", elem_id="ext_index_load", scale=1)
+            index_file = gr.File(label="…or open an index file from this computer", file_types=[".json"],
+                                 type="binary", elem_id="ext_index_file")
             index_search = gr.Textbox(label="Search", elem_id="ext_index_search")
             index_table = gr.HTML(elem_id="ext_index_table")
             with gr.Row(equal_height=True):
@@ -104,7 +107,7 @@ def build_extensions_tab(ctx: UiContext) -> ExtensionsTab:
     return ExtensionsTab(
         notice, table, choice, allow_requirements, enable, disable, check, update, remove, message, error_details,
         reload_ui, install_url, install_branch, install_folder, install, index_url, index_load, index_search,
-        index_table, index_choice, index_install, index_entries=gr.State([]),
+        index_table, index_choice, index_install, index_entries=gr.State([]), index_file=index_file,
     )
 
 
@@ -222,16 +225,31 @@ def wire_extensions_tab(ctx: UiContext, demo: gr.Blocks, tab: ExtensionsTab, tab
     tab.install.click(install, inputs=[tab.install_url, tab.install_branch, tab.install_folder],
                       outputs=[tab.message, *installed_outputs], api_name=False)
 
-    def load_index(url: str, search: str) -> list[Any]:
+    def show_index(read: Callable[[], list[IndexEntry]], search: str) -> list[Any]:
         try:
-            entries = host.fetch_index(url)
+            entries = read()
         except ExtensionError as error:
             return [[], f"<p>{html.escape(str(error))}</p>", gr.update(choices=[], value=None)]
         table, choices = index_table(entries, search)
         return [entries, table, gr.update(choices=choices, value=choices[0] if choices else None)]
 
-    tab.index_load.click(load_index, inputs=[tab.index_url, tab.index_search],
-                         outputs=[tab.index_entries, tab.index_table, tab.index_choice], api_name=False)
+    def load_index(url: str, search: str) -> list[Any]:
+        def fetch_and_save() -> list[IndexEntry]:
+            entries = host.fetch_index(url)
+            host.save_index_url(url)
+            return entries
+
+        return show_index(fetch_and_save, search)
+
+    def open_index_file(data: bytes | None, search: str) -> list[Any]:
+        if data is None:
+            return [[], "", gr.update(choices=[], value=None)]
+        return show_index(lambda: host.read_index(data, "the chosen file"), search)
+
+    index_outputs = [tab.index_entries, tab.index_table, tab.index_choice]
+    tab.index_load.click(load_index, inputs=[tab.index_url, tab.index_search], outputs=index_outputs, api_name=False)
+    tab.index_file.upload(open_index_file, inputs=[tab.index_file, tab.index_search], outputs=index_outputs,
+                          api_name=False)
 
     def search(entries: list[IndexEntry], text: str) -> list[Any]:
         table, choices = index_table(entries, text)

@@ -14,6 +14,8 @@ from webui.app.settings_store import (
     CHECKPOINT_CACHE_LOW,
     CHECKPOINTS_LIMIT_HIGH,
     CHECKPOINTS_LIMIT_LOW,
+    PROMPT_CHUNKS_HIGH,
+    PROMPT_CHUNKS_LOW,
 )
 from webui.core import samplers
 from webui.core.params import OUTPUT_FORMATS, ParamError
@@ -41,6 +43,7 @@ class SettingsTab:
     extension_result: gr.Markdown | None = None
     checkpoint_cache: gr.Slider | None = None
     checkpoints_limit: gr.Slider | None = None
+    prompt_chunks: gr.Slider | None = None
     model_result: gr.Markdown | None = None
 
 
@@ -88,6 +91,11 @@ def build_settings_tab(ctx: UiContext) -> SettingsTab:
             CHECKPOINTS_LIMIT_LOW, CHECKPOINTS_LIMIT_HIGH, step=1, value=current.sd_checkpoints_limit,
             label="Checkpoints kept on the GPU at the same time", elem_id="settings_checkpoints_limit",
         )
+    prompt_chunks = gr.Slider(
+        PROMPT_CHUNKS_LOW, PROMPT_CHUNKS_HIGH, step=1, value=current.max_prompt_chunks,
+        label="Longest prompt a job may have, in 75-token chunks (longer prompts are refused)",
+        elem_id="settings_max_prompt_chunks",
+    )
     extension_settings = build_extension_settings(ctx.extensions)
     apply = gr.Button("Apply settings", variant="primary", elem_id="settings_apply")
     result = gr.Markdown(elem_id="settings_result")
@@ -96,7 +104,7 @@ def build_settings_tab(ctx: UiContext) -> SettingsTab:
     return SettingsTab(outdir, samples_format, filename_pattern, preview_every, default_steps, default_cfg_scale,
                        default_sampler, default_scheduler, default_width, default_height, default_negative_prompt,
                        apply, result, extension_settings, extension_result, checkpoint_cache, checkpoints_limit,
-                       model_result)
+                       prompt_chunks, model_result)
 
 
 def settings_components(tab: SettingsTab) -> list[gr.components.Component]:
@@ -135,17 +143,18 @@ def wire_settings(ctx: UiContext, tab: SettingsTab) -> None:
 
     tab.apply.click(apply, inputs=settings_components(tab), outputs=tab.result, api_name=False)
 
-    def apply_model_settings(cache: float, limit: float) -> str:
+    def apply_model_settings(cache: float, limit: float, prompt_chunks: float) -> str:
         try:
-            _, notes = ctx.settings.update({"sd_checkpoint_cache": int(cache), "sd_checkpoints_limit": int(limit)})
+            _, notes = ctx.settings.update({"sd_checkpoint_cache": int(cache), "sd_checkpoints_limit": int(limit),
+                                            "max_prompt_chunks": int(prompt_chunks)})
         except ParamError as error:
             return f"**Not saved.** {error}"
         # The main Apply handler already reports "Saved." or "Nothing to save"; only what changed here is added.
-        return "  \n".join(note for note in notes if note.startswith("sd_checkpoint"))
+        return "  \n".join(note for note in notes if note.startswith(("sd_checkpoint", "max_prompt_chunks")))
 
-    if tab.checkpoint_cache is not None and tab.checkpoints_limit is not None and tab.model_result is not None:
-        tab.apply.click(apply_model_settings, inputs=[tab.checkpoint_cache, tab.checkpoints_limit],
-                        outputs=tab.model_result, api_name=False)
+    model_inputs = [tab.checkpoint_cache, tab.checkpoints_limit, tab.prompt_chunks]
+    if all(component is not None for component in model_inputs) and tab.model_result is not None:
+        tab.apply.click(apply_model_settings, inputs=model_inputs, outputs=tab.model_result, api_name=False)
 
     extension_inputs = [component for _, components in tab.extension_settings for component in components]
     if extension_inputs and tab.extension_result is not None:

@@ -75,6 +75,13 @@ class Txt2ImgTab:
     extension_controls: dict[str, gr.components.Component] = field(default_factory=dict)
 
 
+def job_owner(request: gr.Request | None) -> str | None:
+    """Whose job this is: the logged-in user (the REST API knows them by the same name), else the browser session."""
+    if request is None:
+        return None
+    return request.username or request.session_hash
+
+
 def pasteable_controls(top: TopBar, tab: Txt2ImgTab) -> dict[str, gr.components.Component]:
     """Field name → component for every control an infotext can fill."""
     return {
@@ -279,7 +286,7 @@ def wire_txt2img(ctx: UiContext, top: TopBar, tab: Txt2ImgTab) -> None:
             params = to_params(dict(zip(generation_names, values, strict=True)))
             named = dict(zip(tab.extension_controls, extension_values, strict=True))
             params = params_with_extensions(params, extension_values_from_controls(ctx.extensions, named))
-            job_id = ctx.queue.submit(Txt2ImgRequest(params), owner=request.session_hash if request else None)
+            job_id = ctx.queue.submit(Txt2ImgRequest(params), owner=job_owner(request))
         except (ParamError, ValueError, QueueClosedError) as error:
             yield {tab.progress: progress_html(0.0, f"Error: {error}", failed=True)}
             return
@@ -400,7 +407,7 @@ def request_checkpoint_swap(ctx: UiContext) -> Callable[..., Iterator[str]]:
             yield loaded_status(ctx)
             return
         try:
-            job_id = ctx.queue.submit(LoadCheckpointRequest(name), owner=request.session_hash if request else None)
+            job_id = ctx.queue.submit(LoadCheckpointRequest(name), owner=job_owner(request))
         except QueueClosedError as error:
             yield f"Could not load {name}: {error}. {loaded_status(ctx)}"
             return
