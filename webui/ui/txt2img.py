@@ -263,29 +263,21 @@ def paste_updates(
 
 def wire_txt2img(ctx: UiContext, top: TopBar, tab: Txt2ImgTab) -> None:
     """Events of the top bar and the txt2img tab."""
-    generation_inputs = [
-        tab.prompt, tab.negative_prompt, tab.sampler, tab.scheduler, tab.steps, tab.cfg_scale, tab.width,
-        tab.height, tab.seed, tab.batch_count, tab.batch_size, top.clip_skip, top.checkpoint, top.vae,
-        *tab.extension_controls.values(),
-    ]
-    generation_names = (
-        "prompt", "negative_prompt", "sampler", "scheduler", "steps", "cfg_scale", "width", "height", "seed",
-        "batch_count", "batch_size", "clip_skip", "checkpoint", "vae",
-    )
+    # One name → component table: gradio hands the values over keyed by component (inputs given as a set), so
+    # no positional list has to be kept in step with a signature.
+    generation_controls: dict[str, gr.components.Component] = {
+        **pasteable_controls(top, tab), "batch_count": tab.batch_count, "batch_size": tab.batch_size,
+        "checkpoint": top.checkpoint, "vae": top.vae,
+    }
     result_outputs = [tab.job_id, tab.progress, tab.preview, tab.gallery, tab.results, tab.infotext,
                       tab.download, tab.selected]
 
-    def generate(
-        prompt: str, negative_prompt: str, sampler: str, scheduler: str, steps: float, cfg_scale: float,
-        width: float, height: float, seed: float, batch_count: float, batch_size: float, clip_skip: float,
-        checkpoint: str | None, vae: str | None, request: gr.Request, *extension_values: Any,
-    ) -> Iterator[dict[Any, Any]]:
-        values = (prompt, negative_prompt, sampler, scheduler, steps, cfg_scale, width, height, seed,
-                  batch_count, batch_size, clip_skip, checkpoint, vae)
+    def generate(values: dict[gr.components.Component, Any], request: gr.Request) -> Iterator[dict[Any, Any]]:
+        named = {name: values[component] for name, component in generation_controls.items()}
         try:
-            params = to_params(dict(zip(generation_names, values, strict=True)))
-            named = dict(zip(tab.extension_controls, extension_values, strict=True))
-            params = params_with_extensions(params, extension_values_from_controls(ctx.extensions, named))
+            params = to_params(named)
+            extension_values = {name: named[name] for name in tab.extension_controls}
+            params = params_with_extensions(params, extension_values_from_controls(ctx.extensions, extension_values))
             job_id = ctx.queue.submit(Txt2ImgRequest(params), owner=job_owner(request))
         except (ParamError, ValueError, QueueClosedError) as error:
             yield {tab.progress: progress_html(0.0, f"Error: {error}", failed=True)}
@@ -315,7 +307,7 @@ def wire_txt2img(ctx: UiContext, top: TopBar, tab: Txt2ImgTab) -> None:
 
     # Gradio only streams progress here; the GPU is serialised by our own queue, so no gradio limit.
     tab.generate.click(
-        generate, inputs=generation_inputs, outputs=result_outputs, show_progress="hidden",
+        generate, inputs=set(generation_controls.values()), outputs=result_outputs, show_progress="hidden",
         concurrency_limit=None, api_name=False,
     ).then(lambda: loaded_status(ctx), outputs=top.status, show_progress="hidden", api_name=False)
 
