@@ -153,12 +153,7 @@ def build_extensions_router(host: ExtensionHost) -> APIRouter:
 
     @router.post("/index", response_model=list[IndexItem], summary="Load an index from a URL and save the URL")
     async def load_index(request: IndexRequest) -> list[IndexItem]:
-        def fetch_and_save() -> list[IndexEntry]:
-            entries = host.fetch_index(request.url)
-            host.save_index_url(request.url)
-            return entries
-
-        return index_items(await _call(fetch_and_save))
+        return index_items(await _call(lambda: host.load_index(request.url)))
 
     @router.post("/install", response_model=Message)
     async def install(request: InstallRequest) -> Message:

@@ -873,6 +873,13 @@ class ExtensionHost:
     def index_url(self) -> str:
         return self._state.index_url
 
+    def load_index(self, url: str) -> list[IndexEntry]:
+        """The extensions listed at an http(s) `url`, which is then saved as the index the Available list loads
+        (the user's choice, so only a state-changing request may make it)."""
+        entries = self.fetch_index(url)
+        self.save_index_url(url)
+        return entries
+
     def save_index_url(self, url: str) -> None:
         """Remember `url` (checked as fetch_index checks it) as the index the Available list loads."""
         url = checked_index_url(url)

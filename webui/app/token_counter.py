@@ -12,6 +12,7 @@ from webui.core.prompt_parser import get_prompt_schedule, strip_comments
 
 if TYPE_CHECKING:
     from webui.engine.clip_tokenizer import ClipTokenizer
+    from webui.engine.conditioning import TokenizedPrompt
 
 CHUNK_LENGTH = 75
 
@@ -38,16 +39,7 @@ class TokenCounter:
     def count(self, prompt: str, steps: int, emphasis: str = "Original") -> tuple[int, int]:
         """(tokens, shown maximum): the largest count over the prompt's scheduled texts, and the
         next multiple of 75 (A1111's get_target_prompt_token_count)."""
-        from webui.engine.conditioning import tokenize_prompt
-
-        tokenizer = self._get_tokenizer()
-        texts = [text for _, text in get_prompt_schedule(strip_comments(prompt), max(steps, 1))]
-        counts = []
-        for text in texts:
-            try:
-                counts.append(tokenize_prompt(text, tokenizer, emphasis).token_count)
-            except ValueError:  # an unreadable emphasis weight: count the text as written
-                counts.append(tokenize_prompt(text, tokenizer, "None").token_count)
+        counts = [self._tokenized(text, emphasis).token_count for text in scheduled_texts(prompt, steps)]
         token_count = max(counts, default=0)
         return token_count, math.ceil(max(token_count, 1) / CHUNK_LENGTH) * CHUNK_LENGTH
 
@@ -57,15 +49,17 @@ class TokenCounter:
 
     def chunk_count(self, prompt: str, steps: int, emphasis: str = "Original") -> int:
         """75-token chunks of the prompt's longest scheduled text, as the text encoder would receive them."""
+        # One tokenization, not one per scheduled text: the longest text has (all but) the most chunks.
+        longest = max(scheduled_texts(prompt, steps), key=len, default="")
+        return len(self._tokenized(longest, emphasis).chunks)
+
+    def _tokenized(self, text: str, emphasis: str) -> TokenizedPrompt:
         from webui.engine.conditioning import tokenize_prompt
 
-        texts = [text for _, text in get_prompt_schedule(strip_comments(prompt), max(steps, 1))]
-        # One tokenization, not one per scheduled text: the longest text has (all but) the most chunks.
-        longest = max(texts, key=len, default="")
         try:
-            return len(tokenize_prompt(longest, self._get_tokenizer(), emphasis).chunks)
-        except ValueError:  # an unreadable emphasis weight fails later, with its own message
-            return len(tokenize_prompt(longest, self._get_tokenizer(), "None").chunks)
+            return tokenize_prompt(text, self._get_tokenizer(), emphasis)
+        except ValueError:  # an unreadable emphasis weight fails later, with its own message: take the text as written
+            return tokenize_prompt(text, self._get_tokenizer(), "None")
 
     def check_prompt_length(self, params: GenerationParams, max_chunks: int) -> None:
         """ParamError naming the prompt field when it needs more than `max_chunks` chunks of 75 tokens."""
@@ -78,3 +72,8 @@ class TokenCounter:
                 raise ParamError(name, f"must be at most {max_chunks} chunks of {CHUNK_LENGTH} tokens "
                                        f"({max_chunks * CHUNK_LENGTH} tokens; the Settings tab sets the limit), "
                                        f"got {chunks} chunks")
+
+
+def scheduled_texts(prompt: str, steps: int) -> list[str]:
+    """The texts prompt editing switches between over `steps` (comments removed), as the sampler would use them."""
+    return [text for _, text in get_prompt_schedule(strip_comments(prompt), max(steps, 1))]

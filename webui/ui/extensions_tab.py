@@ -234,12 +234,7 @@ def wire_extensions_tab(ctx: UiContext, demo: gr.Blocks, tab: ExtensionsTab, tab
         return [entries, table, gr.update(choices=choices, value=choices[0] if choices else None)]
 
     def load_index(url: str, search: str) -> list[Any]:
-        def fetch_and_save() -> list[IndexEntry]:
-            entries = host.fetch_index(url)
-            host.save_index_url(url)
-            return entries
-
-        return show_index(fetch_and_save, search)
+        return show_index(lambda: host.load_index(url), search)
 
     def open_index_file(data: bytes | None, search: str) -> list[Any]:
         if data is None:
