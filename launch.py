@@ -9,6 +9,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -44,9 +45,13 @@ def installed_version(package: str) -> str | None:
 
 
 def install_fingerprint(torch_command: str) -> str:
-    """What an install depends on: the project's declared dependencies, the torch command, the Python."""
+    """What an install depends on: the project's declared dependencies, the torch command, the Python.
+
+    Only pyproject's [project] table counts: tool settings (ruff, mypy, pytest) change no install."""
+    with open(ROOT / "pyproject.toml", "rb") as file:
+        project = tomllib.load(file)["project"]
     digest = hashlib.sha256()
-    digest.update((ROOT / "pyproject.toml").read_bytes())
+    digest.update(json.dumps(project, sort_keys=True).encode())
     digest.update(torch_command.encode())
     digest.update(sys.version.encode())
     return digest.hexdigest()

@@ -4,6 +4,7 @@ Prints time per step and per image for both, from one process; never used as a t
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -19,9 +20,9 @@ import torch  # noqa: E402
 
 from webui.core.events import Progress  # noqa: E402
 from webui.core.params import GenerationParams  # noqa: E402
+from webui.engine.checkpoint_loading import read_component_config  # noqa: E402
 from webui.engine.devices import choose_device_policy  # noqa: E402
 from webui.engine.generate import generate  # noqa: E402
-from webui.engine.checkpoint_loading import read_component_config  # noqa: E402
 from webui.engine.model_manager import LoadedModel, ModelManager  # noqa: E402
 from webui.engine.model_registry import ModelRegistry  # noqa: E402
 
@@ -68,7 +69,7 @@ def time_ours(model: LoadedModel, params: GenerationParams) -> tuple[float, list
     for _ in generate(model, params, 1, "bench", on_progress=on_progress):
         pass
     sync(model.policy.device)
-    return time.perf_counter() - started, [b - a for a, b in zip(stamps, stamps[1:])]
+    return time.perf_counter() - started, [b - a for a, b in itertools.pairwise(stamps)]
 
 
 def time_diffusers(pipeline, model: LoadedModel, params: GenerationParams) -> tuple[float, list[float]]:  # noqa: ANN001
@@ -89,7 +90,7 @@ def time_diffusers(pipeline, model: LoadedModel, params: GenerationParams) -> tu
         callback_on_step_end=on_step_end,
     )
     sync(device)
-    return time.perf_counter() - started, [b - a for a, b in zip(stamps, stamps[1:])]
+    return time.perf_counter() - started, [b - a for a, b in itertools.pairwise(stamps)]
 
 
 def main() -> int:

@@ -67,7 +67,7 @@ def test_txt2img_prints_only_the_saved_paths(data_dir: Path) -> None:
         str(data_dir / "outputs" / "txt2img-images" / day / "00000-42.png"),
         str(data_dir / "outputs" / "txt2img-images" / day / "00001-43.png"),
     ]
-    for line, seed in zip(lines, (42, 43)):
+    for line, seed in zip(lines, (42, 43), strict=True):
         with Image.open(line) as image:
             assert image.size == (64, 64)
         fields = parse_infotext(read_infotext(Path(line)) or "")

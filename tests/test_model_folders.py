@@ -42,7 +42,7 @@ def test_data_dir_pointing_at_an_a1111_install_finds_its_models(a1111: Path) -> 
     folders = model_folders(parse("--data-dir", str(a1111)))
     assert folders.checkpoints == [a1111 / "models" / "Stable-diffusion"]
     assert folders.vae == [a1111 / "models" / "VAE"]
-    assert folders.lora == [a1111 / "models" / "Lora"]
+    assert folders.lora == [a1111 / "models" / "Lora", a1111 / "models" / "LyCORIS"]
     assert folders.embeddings == [a1111 / "embeddings", a1111 / "models" / "embeddings"]
     names = [info.name for info in ModelRegistry(folders.checkpoints).scan()]
     assert names == ["sd15/realistic.safetensors"]
@@ -62,7 +62,7 @@ def test_dir_flags_add_the_a1111_folders_after_our_own(a1111: Path, tmp_path: Pa
     folders = model_folders(parse(*argv))
     assert folders.checkpoints == [ours / "models" / "Stable-diffusion", a1111 / "models" / "Stable-diffusion"]
     assert folders.vae == [ours / "models" / "VAE", a1111 / "models" / "VAE"]
-    assert folders.lora == [ours / "models" / "Lora", a1111 / "models" / "Lora"]
+    assert folders.lora == [ours / "models" / "Lora", ours / "models" / "LyCORIS", a1111 / "models" / "Lora"]
     assert folders.embeddings == [ours / "embeddings", ours / "models" / "embeddings", a1111 / "embeddings"]
     assert [info.name for info in ModelRegistry(folders.checkpoints).scan()] == ["sd15/realistic.safetensors"]
 

@@ -1,5 +1,6 @@
-"""Runs the whole test suite on a fresh machine: installs .venv (via launch.py), test extras and references, then pytest.
-Standard library only (it runs before anything is installed); extra arguments go to pytest."""
+"""Runs the whole test suite on a fresh machine: installs .venv (via launch.py), test extras and references, runs the
+static checks (ruff, mypy; configured in pyproject.toml), then pytest. Standard library only (it runs before anything
+is installed). Extra arguments go to pytest and skip the static checks (a targeted run)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,17 @@ def ensure_chromium() -> None:
         raise SystemExit(f"[run_tests] chromium was installed but {CHROMIUM} is still missing")
 
 
+# Each check's command after `python -m`; their settings (rules, checked folders) are in pyproject.toml.
+STATIC_CHECKS = (("ruff", "check", "."), ("mypy",))
+
+
+def run_static_checks(python: str) -> None:
+    for check in STATIC_CHECKS:
+        print(f"[run_tests] {' '.join(check)}", flush=True)
+        if subprocess.run([python, "-m", *check], cwd=ROOT).returncode != 0:
+            raise SystemExit(f"[run_tests] `{' '.join(check)}` found problems (listed above); pytest was not run")
+
+
 def main(pytest_args: list[str]) -> int:
     launch.prepare_environment(extras=("test",))
     ensure_chromium()
@@ -49,6 +61,8 @@ def main(pytest_args: list[str]) -> int:
             [python, "-m", "pip", "install", "--no-deps", "-c", str(launch.CONSTRAINTS_FILE), *missing],
             "installing test references",
         )
+    if not pytest_args:
+        run_static_checks(python)
     os.chdir(ROOT)
     os.execv(python, [python, "-m", "pytest", *(pytest_args or ["-q"])])
     return 0  # not reached

@@ -65,7 +65,8 @@ def build_parser(default_data_dir: Path) -> argparse.ArgumentParser:
                         "can use it); without this flag a password is generated")
     parser.add_argument("--port", type=int, default=None,
                         help="port to serve on (default: 7860, or 7861 with --nowebui)")
-    parser.add_argument("--api", action="store_true", help="serve A1111's /sdapi/v1 and the /api/v1 job API beside the UI")
+    parser.add_argument("--api", action="store_true",
+                        help="serve A1111's /sdapi/v1 and the /api/v1 job API beside the UI")
     parser.add_argument("--nowebui", action="store_true", help="serve only the REST API, without the UI")
     parser.add_argument("--api-auth", default=None, metavar="USER:PASS[,USER:PASS...]",
                         help="protect the REST API with HTTP Basic authentication")
@@ -78,6 +79,9 @@ def build_parser(default_data_dir: Path) -> argparse.ArgumentParser:
     parser.add_argument("--extensions-dir", type=Path, default=None, metavar="DIR",
                         help="where extensions are installed (default: DATA_DIR/extensions; the shipped ones "
                         "in the program's extensions/ folder are always listed)")
+    parser.add_argument("--styles-file", action="append", default=[], metavar="FILE",
+                        help="a styles file, or a wildcard such as 'styles/*.csv' (repeatable; new styles go to the "
+                        "first; default: DATA_DIR/styles.csv), as A1111's flag")
     parser.add_argument("--disable-extensions", action="store_true",
                         help="safe mode: start without loading any extension")
     parser.add_argument("--enable-insecure-extension-access", action="store_true",

@@ -33,6 +33,8 @@ from webui.core.hooks import (
     InfotextPastedContext,
     ModelLoadedContext,
     StepContext,
+    WeightPatchesContext,
+    WeightPatchSpec,
 )
 from webui.core.params import ExtensionValue, GenerationParams, ParamError
 
@@ -40,7 +42,7 @@ __all__ = [
     "WEBUI_VERSION", "AppStartedContext", "BeforeGenerationContext", "BeforeSaveContext", "CfgContext", "Checkbox",
     "ConditioningContext", "Control", "Dropdown", "ExtensionAPI", "ExtensionValue", "GenerationParams", "HookContext",
     "HookPoint", "ImageContext", "InfotextPastedContext", "ModelLoadedContext", "ParamError", "Registrations",
-    "Slider", "StepContext", "Textbox",
+    "Slider", "StepContext", "Textbox", "WeightPatchSpec", "WeightPatchesContext",
 ]
 
 

@@ -9,7 +9,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,14 +26,19 @@ if TYPE_CHECKING:
     from webui.app.gallery import GalleryIndex
     from webui.app.model_download import BackgroundDownload, DownloadSpec
     from webui.app.model_folders import ModelFolders
+    from webui.app.network_cards import NetworkCards
     from webui.app.outputs import SavedImage
     from webui.app.queue import GenerationQueue, JobReporter, JobRequest
     from webui.app.runner import EngineRunner
     from webui.app.settings_store import SettingsStore
     from webui.app.token_counter import TokenCounter
+    from webui.core.styles import StyleDatabase
     from webui.engine.model_registry import ModelRegistry, VaeRegistry
+    from webui.engine.networks.registry import LoraRegistry
+    from webui.engine.networks.textual_inversion import Embedding, EmbeddingDatabase
     from webui.security import GateConfig
     from webui.share import ShareTunnel
+    from webui.ui.context import UiContext
 
 logger = logging.getLogger("webui")
 
@@ -67,6 +72,22 @@ def build_registries(args: argparse.Namespace) -> tuple[ModelRegistry, VaeRegist
     folders = model_folders(args)
     hasher = FileHasher(args.data_dir / "cache" / "model-hashes.json")
     return ModelRegistry(folders.checkpoints, hasher), VaeRegistry(folders.vae, hasher)
+
+
+def build_lora_registry(args: argparse.Namespace) -> LoraRegistry:
+    """The LoRA/LyCORIS files; their addnet hashes are kept in their own cache file across restarts."""
+    from webui.engine.model_registry import FileHasher
+    from webui.engine.networks.registry import LoraRegistry, addnet_hash
+
+    hasher = FileHasher(args.data_dir / "cache" / "lora-hashes.json", digest=addnet_hash)
+    return LoraRegistry(model_folders(args).lora, hasher)
+
+
+def build_style_database(args: argparse.Namespace) -> StyleDatabase:
+    """styles.csv: the --styles-file files (wildcards allowed), else DATA_DIR/styles.csv, as A1111."""
+    from webui.core.styles import StyleDatabase
+
+    return StyleDatabase([Path(path) for path in args.styles_file] or [args.data_dir / "styles.csv"])
 
 
 def default_model_spec(args: argparse.Namespace) -> DownloadSpec:
@@ -198,8 +219,9 @@ class DeferredEngine:
     def __init__(self, args: argparse.Namespace, registry: ModelRegistry, vae_registry: VaeRegistry,
                  settings: SettingsStore,
                  outputs_root: Callable[[], Path], on_saved: Callable[[SavedImage], None],
-                 extensions: ExtensionHost | None = None) -> None:
+                 extensions: ExtensionHost | None = None, loras: LoraRegistry | None = None) -> None:
         self._args = args
+        self._loras = loras
         self._extensions = extensions
         self._registry = registry
         self._vae_registry = vae_registry
@@ -213,6 +235,7 @@ class DeferredEngine:
         from webui.app.runner import EngineRunner
         from webui.engine.devices import choose_device_policy
         from webui.engine.model_manager import ModelManager
+        from webui.engine.networks.textual_inversion import EmbeddingDatabase
 
         policy = choose_device_policy(force_cpu=self._args.use_cpu)
         logger.info("generating on %s", policy.name)
@@ -233,6 +256,9 @@ class DeferredEngine:
             image_format=lambda: self._settings.current.samples_format,
             filename_pattern=lambda: self._settings.current.filename_pattern,
             hooks=self._extensions,
+            # Built here, not at start-up: the module imports torch.
+            embeddings=EmbeddingDatabase(model_folders(self._args).embeddings),
+            loras=self._loras,
         )
 
     def __call__(self, request: JobRequest, reporter: JobReporter, control: JobControl) -> None:
@@ -244,17 +270,47 @@ class DeferredEngine:
     def loaded_checkpoint(self) -> tuple[str, str | None] | None:
         return self._runner.loaded_checkpoint() if self._runner is not None else None
 
+    def embeddings(self) -> EmbeddingDatabase | None:
+        """The runner's embeddings (read from any thread: each refresh swaps its tables in whole); None before the
+        first job built the engine."""
+        return self._runner.embeddings if self._runner is not None else None
+
 
 def build_api_context(
     args: argparse.Namespace, registry: ModelRegistry, vae_registry: VaeRegistry, queue: GenerationQueue,
     settings: SettingsStore, gallery: GalleryIndex, engine: DeferredEngine, outputs_root: Callable[[], Path],
-    extensions: ExtensionHost | None = None,
+    extensions: ExtensionHost | None = None, loras: LoraRegistry | None = None, styles: StyleDatabase | None = None,
 ) -> ApiContext:
-    from webui.api.context import ApiContext, CheckpointListing
+    from webui.api.context import (
+        ApiContext,
+        CheckpointListing,
+        EmbeddingListing,
+        EmbeddingsListing,
+        LoraListing,
+    )
 
     def list_checkpoints() -> list[CheckpointListing]:
         return [CheckpointListing(info.name, str(info.path), info.stem, registry.cached_sha256(info))
                 for info in registry.scan()]
+
+    def list_loras() -> list[LoraListing]:
+        files = loras.files() if loras is not None else []
+        return [LoraListing(file.name, file.alias, str(file.path), file.metadata) for file in files]
+
+    def refresh_loras() -> None:
+        if loras is not None:
+            loras.refresh()
+
+    def list_embeddings() -> EmbeddingsListing:
+        database = engine.embeddings()
+        if database is None:
+            return EmbeddingsListing({}, {})
+
+        def listed(entries: Mapping[str, Embedding]) -> dict[str, EmbeddingListing]:
+            return {name: EmbeddingListing(item.step, item.sd_checkpoint, item.sd_checkpoint_name, item.shape,
+                                           item.vectors) for name, item in entries.items()}
+
+        return EmbeddingsListing(listed(database.loaded), listed(database.skipped))
 
     return ApiContext(
         queue=queue, settings=settings, gallery=gallery, list_checkpoints=list_checkpoints,
@@ -262,6 +318,7 @@ def build_api_context(
         version=INFOTEXT_VERSION,
         extensions=extensions,
         list_vae_files=lambda: [(info.name, str(info.path)) for info in vae_registry.scan()],
+        list_loras=list_loras, refresh_loras=refresh_loras, list_embeddings=list_embeddings, styles=styles,
     )
 
 
@@ -428,6 +485,29 @@ def prompt_length_check(token_counter: TokenCounter, settings: SettingsStore) ->
     return check
 
 
+def build_network_cards(args: argparse.Namespace, registry: ModelRegistry, loras: LoraRegistry,
+                        styles: StyleDatabase, engine: DeferredEngine) -> NetworkCards:
+    """The extra-networks cards: checkpoints, LoRA files, embedding files (marked when the engine skipped them for
+    the loaded model) and styles."""
+    from webui.app.network_cards import NetworkCards
+
+    def embedding_misfits() -> Mapping[str, str]:
+        database = engine.embeddings()
+        return database.skip_notes if database is not None else {}
+
+    return NetworkCards(registry, loras, model_folders(args).embeddings, styles, engine.loaded_checkpoint,
+                        embedding_misfits=embedding_misfits)
+
+
+def mount_preview_route(app: FastAPI, context: UiContext) -> None:
+    """The cards' preview pictures, behind the UI's login like every page route (the access gate sees to it)."""
+    from webui.ui.extra_networks import PREVIEW_ROUTE, preview_endpoint
+
+    if context.network_cards is not None:
+        app.add_api_route(f"{PREVIEW_ROUTE}/{{kind}}/{{root}}/{{path:path}}", preview_endpoint(context.network_cards),
+                          methods=["GET"], include_in_schema=False)
+
+
 def build_model_download(spec: DownloadSpec, folder: Path, queue: GenerationQueue) -> BackgroundDownload:
     """The UI's "Download" button: the default model into the first checkpoint folder, then queued for loading."""
     from webui.app.model_download import BackgroundDownload
@@ -465,6 +545,8 @@ def run_app(args: argparse.Namespace) -> int:
     settings = SettingsStore(args.data_dir / "config.json")
     settings.load()
     extensions = build_extension_host(args)
+    lora_registry = build_lora_registry(args)
+    styles = build_style_database(args)
 
     # Fixed for this run: the server is allowed to serve files from this folder only.
     started_outdir = args.outdir or (Path(settings.current.outdir) if settings.current.outdir else None)
@@ -475,8 +557,8 @@ def run_app(args: argparse.Namespace) -> int:
 
     gallery = GalleryIndex(outputs_root(), cache_file=args.data_dir / "cache" / "gallery-index.json")
     engine = DeferredEngine(args, registry, vae_registry, settings, outputs_root,
-                            lambda saved: gallery.add(saved.path, saved.infotext), extensions)
-    token_counter = TokenCounter()
+                            lambda saved: gallery.add(saved.path, saved.infotext), extensions, lora_registry)
+    token_counter = TokenCounter(lambda: embeddings.lookup if (embeddings := engine.embeddings()) else None)
     queue = GenerationQueue(engine, check_request=prompt_length_check(token_counter, settings))
     queue.start()
     model_download = build_model_download(default_model, download_folder, queue) if default_model else None
@@ -525,9 +607,11 @@ def run_app(args: argparse.Namespace) -> int:
         model_download=model_download,
         extensions=extensions,
         restart=restart_when_idle(queue, share_tunnel.close if share_tunnel is not None else None),
+        styles=styles,
+        network_cards=build_network_cards(args, registry, lora_registry, styles, engine),
     )
     api_context = build_api_context(args, registry, vae_registry, queue, settings, gallery, engine, outputs_root,
-                                    extensions)
+                                    extensions, loras=lora_registry, styles=styles)
     host = "0.0.0.0" if args.listen else "127.0.0.1"
     outputs_root().mkdir(parents=True, exist_ok=True)
     if args.nowebui:
@@ -561,6 +645,7 @@ def run_app(args: argparse.Namespace) -> int:
         if args.api:
             mount_api(app, api_context, api_credentials)
         mount_extension_routes(app, extensions, api_credentials)
+        mount_preview_route(app, context)
         threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
         while True:
             time.sleep(3600)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.fixtures.cpu_models import load_on_cpu
 from tests.fixtures.extension_repos import (
     BAD_MANIFEST,
     BROKEN_IMPORT,
@@ -269,11 +270,7 @@ def test_cfg_rescale_matches_the_conditional_spread() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_model_dir: Path):  # noqa: ANN201 - LoadedModel
-    from webui.engine.devices import choose_device_policy
-    from webui.engine.model_manager import ModelManager
-    from webui.engine.model_registry import ModelRegistry
-
-    return ModelManager(ModelRegistry([tiny_model_dir]), choose_device_policy(force_cpu=True)).ensure("tiny")
+    return load_on_cpu(tiny_model_dir, "tiny")
 
 
 def generate_one(model, params: GenerationParams, host: ExtensionHost | None):  # noqa: ANN001, ANN201

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,9 +177,13 @@ def test_interrupt_stops_real_sampling_within_a_step(harness: Harness) -> None:
 def test_load_checkpoint_job_swaps_the_model_and_a_bad_name_fails_cleanly(harness: Harness, tmp_path: Path) -> None:
     loaded = harness.queue.wait(harness.queue.submit(LoadCheckpointRequest("tiny_b")), timeout=WAIT_SECONDS)
     assert loaded.state is JobState.DONE, loaded.message
-    name, short_hash = harness.runner.loaded_checkpoint() or ("", "")
-    assert name == "tiny_b.safetensors" and len(short_hash) == 10
-    assert loaded.message == f"Loaded tiny_b [{short_hash}]"
+    # The hash is computed in the background after the load: the message has it only if it was ready by then.
+    deadline = time.monotonic() + WAIT_SECONDS
+    while (harness.runner.loaded_checkpoint() or ("", None))[1] is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    name, short_hash = harness.runner.loaded_checkpoint() or ("", None)
+    assert name == "tiny_b.safetensors" and short_hash is not None and len(short_hash) == 10
+    assert loaded.message in (f"Loaded tiny_b [{short_hash}]", "Loaded tiny_b")
 
     missing = harness.queue.wait(harness.queue.submit(LoadCheckpointRequest("no_such_model")), timeout=WAIT_SECONDS)
     assert missing.state is JobState.FAILED

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.fixtures.cpu_models import load_on_cpu
 from webui.engine.clip_tokenizer import ClipTokenizer
 from webui.engine.conditioning import CHUNK_LENGTH, encode_prompts, tokenize_prompt
-from webui.engine.devices import choose_device_policy
-from webui.engine.model_manager import LoadedModel, ModelManager
-from webui.engine.model_registry import ModelRegistry
+from webui.engine.model_manager import LoadedModel
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +21,7 @@ def tokenizer() -> ClipTokenizer:
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir: Path) -> LoadedModel:
-    return ModelManager(ModelRegistry([tiny_model_dir]), choose_device_policy(force_cpu=True)).ensure("tiny")
+    return load_on_cpu(tiny_model_dir, "tiny")
 
 
 def real_tokens(chunk_tokens: list[int], tokenizer: ClipTokenizer) -> list[int]:

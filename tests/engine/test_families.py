@@ -3,6 +3,7 @@ Detection files hold zero-size tensors: there are no weights to read, so a detec
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,16 @@ import torch
 from safetensors.torch import save_file
 
 from webui.engine.checkpoint_loading import build_components
-from webui.engine.families import SD1, SD2, SDXL, CheckpointFormatError, Family, detect_family, read_safetensors_header
+from webui.engine.families import (
+    FAMILIES,
+    SD1,
+    SD2,
+    SDXL,
+    CheckpointFormatError,
+    Family,
+    detect_family,
+    read_safetensors_header,
+)
 
 UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
 UNET_OUT = "model.diffusion_model.out.2.weight"
@@ -142,3 +152,76 @@ def test_a_header_length_starting_with_the_pickle_byte_is_still_safetensors(tmp_
             break
     assert path.read_bytes()[0] == 0x80
     assert "model.diffusion_model.input_blocks.0.0.weight" in read_safetensors_header(path)
+
+
+# --- family classes ------------------------------------------------------------------------------------------
+
+WEBUI = Path(__file__).resolve().parents[2] / "webui"
+FAMILY_NAMES = {"SD1", "SD2", "SDXL"}
+
+
+def test_families_are_one_class_each_keyed_as_a1111_names_them() -> None:
+    assert FAMILIES == {"sd1": SD1, "sd2": SD2, "sdxl": SDXL}
+    assert len({type(family) for family in FAMILIES.values()}) == 3
+    assert all(isinstance(family, Family) for family in FAMILIES.values())
+    assert [(family.a1111_version, family.embedding_width) for family in (SD1, SD2, SDXL)] == [
+        ("SD1", 768), ("SD2", 1024), ("SDXL", 2048)
+    ]
+    assert [spec.ti_key for spec in SDXL.text_encoders] == ["clip_l", "clip_g"]
+    assert (SD1.kohya_unet_names, SD2.kohya_unet_names, SDXL.kohya_unet_names) == ("diffusers", "diffusers", "ldm")
+
+
+@pytest.mark.parametrize("family", [SD1, SD2, SDXL], ids=lambda family: family.key)
+def test_declared_encoders_match_the_modules_the_shipped_configs_build(family: Family) -> None:
+    """Widths (A1111's embedding shape check), pooled projection and LoRA components come from the real configs."""
+    modules = build_components(family, family.config_dir).modules()
+    assert family.embedding_widths(modules) == family.embedding_widths()
+    assert {spec.component for spec in family.text_encoders} == set(modules) - {"unet", "vae"}
+    for spec in family.text_encoders:
+        assert hasattr(modules[spec.component], "text_projection") == spec.pooled
+    assert set(family.lora_prefixes.values()) == set(modules) - {"vae"}
+
+
+def test_only_sd1_honours_clip_skip() -> None:
+    sd1 = build_components(SD1, SD1.config_dir)
+    sd2 = build_components(SD2, SD2.config_dir)
+    assert SD1.clip_skip_limit(sd1.text_encoder) == 12
+    assert SD2.clip_skip_limit(sd2.text_encoder) is None and SDXL.clip_skip_limit(sd1.text_encoder) is None
+    assert (SD1.effective_clip_skip(2), SD2.effective_clip_skip(2), SDXL.effective_clip_skip(2)) == (2, 1, 1)
+
+
+def test_only_sdxl_sends_pooled_text_and_size_to_the_unet() -> None:
+    assert SDXL.time_ids(64, 96) == [64, 96, 0, 0, 64, 96]
+    pooled = torch.ones(2, 40, dtype=torch.float16)
+    time_ids = torch.tensor([SDXL.time_ids(64, 96)], dtype=torch.float32)
+    added = SDXL.unet_added_conditions(pooled, time_ids)
+    assert added is not None and added["text_embeds"] is pooled
+    assert added["time_ids"].dtype == torch.float16 and added["time_ids"].tolist() == [[64, 96, 0, 0, 64, 96]] * 2
+    assert SD1.time_ids(64, 96) is None and SD2.unet_added_conditions(None, None) is None
+    with pytest.raises(ValueError, match="pooled"):
+        SDXL.unet_added_conditions(None, time_ids)
+
+
+def test_prediction_type_per_family(tmp_path: Path) -> None:
+    stated = {"prediction_type": "v_prediction"}
+    # The shipped SD 2.x config serves eps and v files: only a sidecar's statement counts, else A1111's test runs.
+    assert SD2.prediction_type(SD2.config_dir, stated) is None
+    assert SD2.prediction_type(tmp_path / "model.config", stated) == "v_prediction"
+    assert SD2.prediction_type(tmp_path / "model.config", {}) is None
+    assert SD1.prediction_type(SD1.config_dir, {}) == SDXL.prediction_type(SDXL.config_dir, {}) == "epsilon"
+    assert SD1.prediction_type(tmp_path / "model.config", stated) == "v_prediction"
+
+
+def test_no_family_is_compared_outside_the_family_classes() -> None:
+    """What differs between families lives in their classes: no `family == SDXL` branch anywhere else."""
+    offenders = []
+    for path in sorted(WEBUI.rglob("*.py")):
+        if path.name == "families.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Compare):
+                names = {side.id for side in [node.left, *node.comparators] if isinstance(side, ast.Name)}
+                names |= {side.attr for side in [node.left, *node.comparators] if isinstance(side, ast.Attribute)}
+                if names & FAMILY_NAMES:
+                    offenders.append(f"{path.relative_to(WEBUI)}:{node.lineno}")
+    assert offenders == []

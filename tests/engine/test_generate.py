@@ -3,13 +3,13 @@ Checks A1111's seed rules and that prompt features really change the picture."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tests.fixtures.images import pixels, png_bytes
 from webui.core.events import JobControl, Progress
 from webui.core.infotext import parse_infotext
 from webui.core.params import GenerationParams, ParamError
@@ -32,16 +32,6 @@ def model(tiny_model_dir: Path) -> LoadedModel:
 def run(model: LoadedModel, seed: int = 1234, **changes: object) -> list[GeneratedImage]:
     params = GenerationParams(**{"prompt": "a photo of a cat", **SMALL, **changes})
     return [image for batch in generate(model, params, seed, VERSION) for image in batch]
-
-
-def png_bytes(generated: GeneratedImage) -> bytes:
-    buffer = io.BytesIO()
-    generated.image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def pixels(generated: GeneratedImage) -> np.ndarray:
-    return np.asarray(generated.image, dtype=np.int16)
 
 
 def test_same_seed_and_parameters_give_a_byte_identical_image(model: LoadedModel) -> None:

@@ -29,7 +29,7 @@ def test_cuda_generation_is_half_precision_and_reproducible(tiny_model_dir: Path
         return [np.asarray(i.image) for batch in generate(model, params, 9, "test") for i in batch]
 
     first, second = images(), images()
-    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+    assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
     assert all(image.std() > 0 for image in first)
     assert not np.array_equal(first[0], first[1])
 

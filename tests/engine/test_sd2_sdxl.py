@@ -16,6 +16,8 @@ import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from transformers import CLIPTokenizer
 
+from tests.fixtures.cpu_models import load_on_cpu
+from tests.fixtures.images import pixels
 from tests.fixtures.tiny_sd import (
     TINY_SDXL_CLIP_L,
     TINY_SDXL_OPEN_CLIP_G,
@@ -28,11 +30,10 @@ from webui.core.params import GenerationParams
 from webui.engine.checkpoint_loading import is_v_prediction, read_checkpoint
 from webui.engine.clip_tokenizer import TOKENIZER_DIR
 from webui.engine.conditioning import encode_sd2_prompts, encode_sdxl_prompts, tokenize_prompt
-from webui.engine.devices import choose_device_policy
 from webui.engine.families import SD1, SDXL
 from webui.engine.generate import GeneratedImage, PromptConditioning, generate
 from webui.engine.k_sampling import DiscreteSchedule, eps_denoiser
-from webui.engine.model_manager import LoadedModel, ModelManager
+from webui.engine.model_manager import LoadedModel
 from webui.engine.model_registry import ModelRegistry
 from webui.engine.unet_eps import UNetEps
 from webui.engine.vae import cheap_preview
@@ -43,7 +44,7 @@ PROMPT = "a photo of a cat"
 
 
 def load(models: Path, name: str) -> LoadedModel:
-    return ModelManager(ModelRegistry([models]), choose_device_policy(force_cpu=True)).ensure(name)
+    return load_on_cpu(models, name)
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +65,6 @@ def sdxl(tiny_sd2_sdxl_dir: Path) -> LoadedModel:
 def run(model: LoadedModel, seed: int = 1234, **changes: object) -> list[GeneratedImage]:
     params = GenerationParams(**{"prompt": PROMPT, **SMALL, **changes})
     return [image for batch in generate(model, params, seed, VERSION) for image in batch]
-
-
-def pixels(generated: GeneratedImage) -> np.ndarray:
-    return np.asarray(generated.image, dtype=np.int16)
 
 
 def hf_tokenizer(pad_token: str | None = None) -> CLIPTokenizer:

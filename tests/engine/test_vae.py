@@ -10,15 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from webui.engine.devices import choose_device_policy
-from webui.engine.model_manager import LoadedModel, ModelManager
-from webui.engine.model_registry import ModelRegistry
+from tests.fixtures.cpu_models import load_on_cpu
+from webui.engine.model_manager import LoadedModel
 from webui.engine.vae import decode_latent, to_pil
 
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir: Path) -> LoadedModel:
-    return ModelManager(ModelRegistry([tiny_model_dir]), choose_device_policy(force_cpu=True)).ensure("tiny")
+    return load_on_cpu(tiny_model_dir, "tiny")
 
 
 def test_to_pil_truncates_like_a1111() -> None:

@@ -11,6 +11,7 @@ from webui.app.extensions import ExtensionHost
 from webui.app.gallery import GalleryIndex
 from webui.app.queue import GenerationQueue
 from webui.app.settings_store import SettingsStore
+from webui.core.styles import StyleDatabase
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +22,47 @@ class CheckpointListing:
     filename: str  # absolute path
     stem: str  # file name without folder and extension (the infotext's "Model")
     sha256: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class LoraListing:
+    """One entry of A1111's GET /sdapi/v1/loras."""
+
+    name: str  # the file stem
+    alias: str  # ss_output_name, else the stem
+    path: str  # absolute path
+    metadata: Mapping[str, object]  # the safetensors __metadata__, JSON-looking strings decoded
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingListing:
+    """One embedding as A1111's GET /sdapi/v1/embeddings lists it."""
+
+    step: int | None
+    sd_checkpoint: str | None
+    sd_checkpoint_name: str | None
+    shape: int
+    vectors: int
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingsListing:
+    """Embeddings usable with the loaded model (`loaded`) and the others (`skipped`), by name."""
+
+    loaded: Mapping[str, EmbeddingListing]
+    skipped: Mapping[str, EmbeddingListing]
+
+
+def _no_loras() -> list[LoraListing]:
+    return []
+
+
+def _nothing_to_refresh() -> None:
+    return None
+
+
+def _no_embeddings() -> EmbeddingsListing:
+    return EmbeddingsListing({}, {})
 
 
 @dataclass(frozen=True)
@@ -39,3 +81,10 @@ class ApiContext:
     list_vae_files: Callable[[], list[tuple[str, str]]]
     # The extension host: alwayson_scripts, /sdapi/v1/extensions, /api/v1/extensions; None: no extensions.
     extensions: ExtensionHost | None = None
+    # The LoRA files (cheap: headers are cached per file version) and a rescan of their folders.
+    list_loras: Callable[[], list[LoraListing]] = _no_loras
+    refresh_loras: Callable[[], None] = _nothing_to_refresh
+    # The embeddings as last fitted to the loaded model; a refresh runs as a queue job (RefreshEmbeddingsRequest).
+    list_embeddings: Callable[[], EmbeddingsListing] = _no_embeddings
+    # styles.csv: /sdapi/v1/prompt-styles and the `styles` of txt2img requests; None: no styles.
+    styles: StyleDatabase | None = None

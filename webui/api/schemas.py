@@ -180,9 +180,37 @@ class SchedulerItem(BaseModel):
     need_inner_model: bool
 
 
+class EmbeddingItem(BaseModel):
+    """One embedding of A1111's GET /sdapi/v1/embeddings: its training step and checkpoint (A1111's own .pt files
+    record them; null otherwise), its width (SDXL: both encoders' added up) and its number of vectors."""
+
+    step: int | None
+    sd_checkpoint: str | None
+    sd_checkpoint_name: str | None
+    shape: int
+    vectors: int
+
+
 class EmbeddingsResponse(BaseModel):
-    loaded: dict[str, Any]
-    skipped: dict[str, Any]
+    loaded: dict[str, EmbeddingItem]
+    skipped: dict[str, EmbeddingItem]
+
+
+class LoraItem(BaseModel):
+    """One entry of A1111's GET /sdapi/v1/loras (from its built-in Lora extension)."""
+
+    name: str
+    alias: str
+    path: str
+    metadata: dict[str, Any]
+
+
+class PromptStyleItem(BaseModel):
+    """One entry of A1111's GET /sdapi/v1/prompt-styles; dividers (several styles files) have null texts."""
+
+    name: str
+    prompt: str | None
+    negative_prompt: str | None
 
 
 class ScriptsList(BaseModel):

@@ -44,6 +44,7 @@ from webui.app.queue import (
     JobState,
     LoadCheckpointRequest,
     QueueClosedError,
+    RefreshEmbeddingsRequest,
     Txt2ImgRequest,
     UnloadCheckpointRequest,
 )
@@ -424,8 +425,8 @@ class SdapiRoutes:
             raise http_error_for_failed_job(snapshot.error or "loading failed", "sd_model_checkpoint")
         return snapshot
 
-    def _submit(self, request: Txt2ImgRequest | LoadCheckpointRequest | UnloadCheckpointRequest,
-                caller: Caller) -> str:
+    def _submit(self, request: Txt2ImgRequest | LoadCheckpointRequest | UnloadCheckpointRequest
+                | RefreshEmbeddingsRequest, caller: Caller) -> str:
         try:
             return self.context.queue.submit(request, owner=caller.user)
         except ParamError as error:
@@ -540,9 +541,10 @@ class SdapiRoutes:
         except samplers.UnknownSamplerError as error:
             field = "sampler_name" if error.field == "sampler" else error.field
             raise HTTPException(400, f"{field}: {error.reason}") from None
+        prompt, negative_prompt = self.styled_prompts(request)
         return GenerationParams(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
             checkpoint=settings.checkpoint,
             sampler=sampler.name,
             scheduler=schedule.label,
@@ -560,6 +562,19 @@ class SdapiRoutes:
             vae=settings.vae,
             extensions=self.extension_values(request),
         )
+
+    def styled_prompts(self, request: schemas.Txt2ImgApiRequest) -> tuple[str, str]:
+        """The prompts with the request's `styles` applied in order (A1111 does it before anything reads the
+        prompts); unknown names are ignored, as in A1111."""
+        if not request.styles or self.context.styles is None:
+            return request.prompt, request.negative_prompt
+        return self.context.styles.apply(request.prompt, request.negative_prompt, request.styles)
+
+    def refresh_embeddings(self, caller: Caller) -> None:
+        """A1111 reloads under the queue lock: here a job, so the model's worker thread does it between jobs."""
+        snapshot = self.context.queue.wait(self._submit(RefreshEmbeddingsRequest(), caller))
+        if snapshot.state is JobState.FAILED:
+            raise HTTPException(500, f"refresh-embeddings: {snapshot.error or 'failed'}")
 
     def txt2img(self, request: schemas.Txt2ImgApiRequest, caller: Caller) -> dict[str, Any]:
         request = self.apply_infotext(request)
@@ -623,9 +638,10 @@ class SdapiRoutes:
             if key in ("Schedule type", "Emphasis") and value is not None
         }
         return {
-            "prompt": params.prompt,
+            # A1111's Processed keeps p.prompt (before styles) here and the styled prompts in all_prompts.
+            "prompt": request.prompt,
             "all_prompts": [params.prompt] * len(seeds),
-            "negative_prompt": params.negative_prompt,
+            "negative_prompt": request.negative_prompt,
             "all_negative_prompts": [params.negative_prompt] * len(seeds),
             "seed": first_seed,
             "all_seeds": seeds,
@@ -655,6 +671,8 @@ class SdapiRoutes:
             "clip_skip": params.clip_skip,
             "is_using_inpainting_conditioning": False,
             "version": self.context.version,
+            # A1111 shows these under the gallery (Processed.comments); its js() leaves them out, a script can use them.
+            "comments": "\n".join(snapshot.warnings),
         }
 
     # -- options -----------------------------------------------------------------------------------------------
@@ -917,12 +935,40 @@ def build_sdapi_router(context: ApiContext) -> APIRouter:
         return [schemas.VaeItem(model_name=name, filename=path) for name, path in context.list_vae_files()]
 
     for empty_list_path in ("/upscalers", "/latent-upscale-modes", "/face-restorers",
-                            "/realesrgan-models", "/hypernetworks", "/prompt-styles", "/loras"):
+                            "/realesrgan-models", "/hypernetworks"):
         router.add_api_route(empty_list_path, _empty_list, methods=["GET"], name=empty_list_path.strip("/"))
 
     @router.get("/embeddings", response_model=schemas.EmbeddingsResponse)
     def embeddings() -> schemas.EmbeddingsResponse:
-        return schemas.EmbeddingsResponse(loaded={}, skipped={})
+        listing = context.list_embeddings()
+
+        def items(entries: Mapping[str, Any]) -> dict[str, schemas.EmbeddingItem]:
+            return {name: schemas.EmbeddingItem(step=entry.step, sd_checkpoint=entry.sd_checkpoint,
+                                                sd_checkpoint_name=entry.sd_checkpoint_name, shape=entry.shape,
+                                                vectors=entry.vectors)
+                    for name, entry in entries.items()}
+
+        return schemas.EmbeddingsResponse(loaded=items(listing.loaded), skipped=items(listing.skipped))
+
+    @router.post("/refresh-embeddings")
+    def refresh_embeddings(http: Request) -> None:
+        routes.refresh_embeddings(caller_of(http))
+
+    @router.get("/loras", response_model=list[schemas.LoraItem])
+    def loras() -> list[schemas.LoraItem]:
+        return [schemas.LoraItem(name=item.name, alias=item.alias, path=item.path, metadata=dict(item.metadata))
+                for item in context.list_loras()]
+
+    @router.post("/refresh-loras")
+    def refresh_loras() -> None:
+        context.refresh_loras()
+
+    @router.get("/prompt-styles", response_model=list[schemas.PromptStyleItem])
+    def prompt_styles() -> list[schemas.PromptStyleItem]:
+        if context.styles is None:
+            return []
+        return [schemas.PromptStyleItem(name=style.name, prompt=style.prompt, negative_prompt=style.negative_prompt)
+                for style in context.styles.styles()]
 
     @router.get("/scripts", response_model=schemas.ScriptsList)
     def scripts() -> schemas.ScriptsList:
@@ -946,7 +992,7 @@ def build_sdapi_router(context: ApiContext) -> APIRouter:
         # The listing is read from the model folders on every call; reading it once here is the refresh.
         context.list_checkpoints()
 
-    for nothing_to_refresh in ("/refresh-vae", "/refresh-embeddings", "/refresh-loras"):
+    for nothing_to_refresh in ("/refresh-vae",):
         router.add_api_route(nothing_to_refresh, _nothing, methods=["POST"], name=nothing_to_refresh.strip("/"))
 
     @router.post("/reload-checkpoint")

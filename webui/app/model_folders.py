@@ -10,6 +10,8 @@ from pathlib import Path
 CHECKPOINTS_SUBDIR = Path("models") / "Stable-diffusion"
 VAE_SUBDIR = Path("models") / "VAE"
 LORA_SUBDIR = Path("models") / "Lora"
+# A1111 also walks models/LyCORIS (--lyco-dir-backcompat), after models/Lora.
+LYCORIS_SUBDIR = Path("models") / "LyCORIS"
 # A1111 keeps embeddings at DATA_DIR/embeddings; Forge (and our ARCHITECTURE.md) at DATA_DIR/models/embeddings.
 EMBEDDINGS_SUBDIRS = (Path("embeddings"), Path("models") / "embeddings")
 
@@ -51,6 +53,6 @@ def find_model_folders(
     return ModelFolders(
         checkpoints=_unique([data_dir / CHECKPOINTS_SUBDIR, *ckpt_dirs]),
         vae=_unique([data_dir / VAE_SUBDIR, *vae_dirs]),
-        lora=_unique([data_dir / LORA_SUBDIR, *lora_dirs]),
+        lora=_unique([data_dir / LORA_SUBDIR, data_dir / LYCORIS_SUBDIR, *lora_dirs]),
         embeddings=_unique([*(data_dir / subdir for subdir in EMBEDDINGS_SUBDIRS), *embeddings_dirs]),
     )

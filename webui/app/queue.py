@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 TXT2IMG_KIND = "txt2img"
 LOAD_CHECKPOINT_KIND = "load_checkpoint"
 UNLOAD_CHECKPOINT_KIND = "unload_checkpoint"
+REFRESH_EMBEDDINGS_KIND = "refresh_embeddings"
 WORKER_THREAD_NAME = "generation-worker"
 
 
@@ -60,7 +61,13 @@ class UnloadCheckpointRequest:
     """Drop the loaded model and free its memory (A1111's unload-checkpoint); the next job loads again."""
 
 
-JobRequest = Txt2ImgRequest | LoadCheckpointRequest | UnloadCheckpointRequest
+@dataclass(frozen=True, slots=True)
+class RefreshEmbeddingsRequest:
+    """Rescan the embeddings folders now and fit them to the loaded model (A1111's refresh-embeddings, which runs
+    under the queue lock): a job, so it runs on the worker thread, between generations, beside the model."""
+
+
+JobRequest = Txt2ImgRequest | LoadCheckpointRequest | UnloadCheckpointRequest | RefreshEmbeddingsRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +90,8 @@ class JobSnapshot:
     message: str
     error: str | None
     version: int
+    # A1111's comments: warnings of a job that ran anyway (a LoRA not found or not fitting the model).
+    warnings: tuple[str, ...] = ()
 
     @property
     def finished(self) -> bool:
@@ -118,6 +127,7 @@ class _Job:
     # The executor's latest status line; a progress update replaces it on screen.
     status_line: str | None = None
     final_message: str | None = None
+    warnings: list[str] = field(default_factory=list)
     error: str | None = None
     version: int = 0
 
@@ -153,6 +163,15 @@ class JobReporter:
     def message(self, text: str) -> None:
         def apply(job: _Job) -> None:
             job.status_line = text
+
+        self._queue._update(self._job, apply)
+
+    def warning(self, text: str) -> None:
+        """Something the user should know about a job that still runs (A1111's comments, e.g. "Lora not found: x");
+        shown with the job's result."""
+
+        def apply(job: _Job) -> None:
+            job.warnings.append(text)
 
         self._queue._update(self._job, apply)
 
@@ -243,6 +262,8 @@ class GenerationQueue:
             kind = LOAD_CHECKPOINT_KIND
         elif isinstance(request, UnloadCheckpointRequest):
             kind = UNLOAD_CHECKPOINT_KIND
+        elif isinstance(request, RefreshEmbeddingsRequest):
+            kind = REFRESH_EMBEDDINGS_KIND
         else:
             raise TypeError(f"submit: unsupported request type {type(request).__name__}")
         if self._check_request is not None:
@@ -370,6 +391,8 @@ class GenerationQueue:
                 # A checkpoint load's own last line ("Loaded tiny [hash]") says more than "Done".
                 if job.kind == LOAD_CHECKPOINT_KIND and job.status_line:
                     job.final_message = job.status_line
+                if job.warnings:
+                    job.final_message = "Done. " + " ".join(f"{warning}." for warning in job.warnings)
                 self._finish_locked(job, JobState.DONE)
             self._changed.notify_all()
 
@@ -451,6 +474,7 @@ class GenerationQueue:
             images=tuple(job.images),
             first_seed=job.first_seed,
             message=self._message_locked(job, ahead, eta_seconds),
+            warnings=tuple(job.warnings),
             error=job.error,
             version=job.version,
         )

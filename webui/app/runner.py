@@ -14,6 +14,7 @@ from webui.app.queue import (
     JobReporter,
     JobRequest,
     LoadCheckpointRequest,
+    RefreshEmbeddingsRequest,
     Txt2ImgRequest,
     UnloadCheckpointRequest,
 )
@@ -24,6 +25,9 @@ from webui.engine.families import Family
 from webui.engine.generate import generate
 from webui.engine.model_manager import LoadedModel, ModelManager
 from webui.engine.model_registry import CHECKPOINT_SUFFIX
+from webui.engine.networks.activation import ExtraNetworks
+from webui.engine.networks.registry import LoraRegistry
+from webui.engine.networks.textual_inversion import EmbeddingDatabase
 from webui.engine.vae import cheap_preview
 
 
@@ -44,6 +48,8 @@ class EngineRunner:
         image_format: Callable[[], str] | None = None,
         filename_pattern: Callable[[], str] | None = None,
         hooks: Hooks | None = None,
+        embeddings: EmbeddingDatabase | None = None,
+        loras: LoraRegistry | None = None,
     ) -> None:
         self.manager = manager
         self.outputs = outputs
@@ -54,6 +60,10 @@ class EngineRunner:
         self.filename_pattern = filename_pattern
         # The extensions' hooks (webui.app.extensions.ExtensionHost); none by default.
         self.hooks: Hooks = hooks or NoHooks()
+        # Textual-inversion embeddings (None: none are used); refitted on this thread only, beside the model.
+        self.embeddings = embeddings
+        # LoRA files by name, each parsed once per file version (None: `<lora:…>` tags are ignored).
+        self.networks = ExtraNetworks(loras) if loras is not None else None
         # Created on the first unsaved job only; it holds files just until their submitter has read them.
         self._scratch_outputs: Outputs | None = None
 
@@ -65,6 +75,8 @@ class EngineRunner:
         elif isinstance(request, UnloadCheckpointRequest):
             self.manager.unload()
             reporter.message("Checkpoint unloaded")
+        elif isinstance(request, RefreshEmbeddingsRequest):
+            self._refresh_embeddings(reporter)
         else:
             raise TypeError(f"runner: unsupported request type {type(request).__name__}")
 
@@ -83,12 +95,34 @@ class EngineRunner:
         loaded = self._ensure_model(checkpoint, vae)
         reporter.message(f"Loaded {loaded.info.stem}" + (f" [{loaded.short_hash}]" if loaded.short_hash else ""))
 
+    def _refresh_embeddings(self, reporter: JobReporter) -> None:
+        """Rescan the embeddings folders and fit them to the loaded model's encoders (their widths, its tokenizer)."""
+        if self.embeddings is None:
+            reporter.message("Embeddings are not used by this server")
+            return
+        model = self.manager.current
+        if model is None:
+            reporter.message("No model loaded: embeddings are read when one loads")
+            return
+        self._fit_embeddings(model)
+        reporter.message(f"Embeddings: {len(self.embeddings.loaded)} loaded, {len(self.embeddings.skipped)} skipped")
+
+    def _fit_embeddings(self, model: LoadedModel) -> None:
+        """Rescan the embeddings and fit them to `model` (its encoders' widths, its tokenizer), as A1111 does on
+        every model load and on refresh-embeddings."""
+        if self.embeddings is not None:
+            widths = model.family.embedding_widths(model.components.modules())
+            self.embeddings.refresh(model.family, model.tokenizer, widths)
+
     def _txt2img(self, params: GenerationParams, reporter: JobReporter, control: JobControl, save: bool = True) -> None:
         if control.interrupted:
             return
         if self._needs_load(params.checkpoint):
             reporter.message(f"Loading checkpoint {params.checkpoint}" if params.checkpoint else "Loading checkpoint")
         model = self._ensure_model(params.checkpoint, params.vae)
+        if self.embeddings is not None:
+            # A1111 rescans the embeddings folders before every job (when their modification time changed).
+            self.embeddings.refresh_for_model(model)
         outputs = self.outputs() if save else self._scratch()
         image_format = self.image_format() if self.image_format is not None else params.output_format
         pattern = self.filename_pattern() if self.filename_pattern is not None else DEFAULT_FILENAME_PATTERN
@@ -96,7 +130,9 @@ class EngineRunner:
         # The queue resolves -1 at submit; resolving again only matters when the runner is called directly.
         first_seed = resolve_seed(params.seed)
         for batch in generate(
-            model, params, first_seed, self.version, control, reporter.progress, on_denoised, hooks=self.hooks
+            model, params, first_seed, self.version, control, reporter.progress, on_denoised, hooks=self.hooks,
+            embeddings=self.embeddings.lookup if self.embeddings is not None else None,
+            networks=self.networks, on_warning=reporter.warning,
         ):
             # Saved as each batch decodes, so a later failure or interrupt keeps what was already made.
             for generated in batch:
@@ -113,6 +149,8 @@ class EngineRunner:
         """manager.ensure, then HookPoint.MODEL_LOADED when a different model came back."""
         before = self.manager.current
         model = self.manager.ensure(checkpoint, vae=vae)
+        if model is not before:
+            self._fit_embeddings(model)
         if model is not before and self.hooks.has(HookPoint.MODEL_LOADED):
             self.hooks.run(HookPoint.MODEL_LOADED, ModelLoadedContext(model.info.name, model.short_hash or "", model))
         return model

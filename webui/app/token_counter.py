@@ -1,10 +1,12 @@
-"""The prompt token counter the UI shows next to each prompt box, as A1111 counts (e.g. "82/150"), and the
-prompt-length limit every job is held to. Loads the CLIP tokenizer lazily on first use; must not import gradio."""
+"""The prompt token counter the UI shows next to each prompt box, as A1111 counts (e.g. "82/150", an embedding's
+vectors counting one token each), and the prompt-length limit every job is held to. Loads the CLIP tokenizer lazily
+on first use; must not import gradio."""
 
 from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from webui.core.params import GenerationParams, ParamError
@@ -13,14 +15,20 @@ from webui.core.prompt_parser import get_prompt_schedule, strip_comments
 if TYPE_CHECKING:
     from webui.engine.clip_tokenizer import ClipTokenizer
     from webui.engine.conditioning import TokenizedPrompt
+    from webui.engine.networks.textual_inversion import EmbeddingLookup
+
+# Returns the textual-inversion lookup of the loaded model's family, or None (no model, no embeddings yet).
+EmbeddingsProvider = Callable[[], "EmbeddingLookup | None"]
 
 CHUNK_LENGTH = 75
 
 
 class TokenCounter:
-    """Counts tokens with the shipped CLIP tokenizer; no model needs to be loaded."""
+    """Counts tokens with the shipped CLIP tokenizer; no model needs to be loaded. With `embeddings`, names of
+    the current embeddings count as their vectors, as in A1111."""
 
-    def __init__(self) -> None:
+    def __init__(self, embeddings: EmbeddingsProvider | None = None) -> None:
+        self._embeddings = embeddings
         self._tokenizer: ClipTokenizer | None = None
         self._lock = threading.Lock()
 
@@ -56,10 +64,11 @@ class TokenCounter:
     def _tokenized(self, text: str, emphasis: str) -> TokenizedPrompt:
         from webui.engine.conditioning import tokenize_prompt
 
+        lookup = self._embeddings() if self._embeddings is not None else None
         try:
-            return tokenize_prompt(text, self._get_tokenizer(), emphasis)
+            return tokenize_prompt(text, self._get_tokenizer(), emphasis, lookup)
         except ValueError:  # an unreadable emphasis weight fails later, with its own message: take the text as written
-            return tokenize_prompt(text, self._get_tokenizer(), "None")
+            return tokenize_prompt(text, self._get_tokenizer(), "None", lookup)
 
     def check_prompt_length(self, params: GenerationParams, max_chunks: int) -> None:
         """ParamError naming the prompt field when it needs more than `max_chunks` chunks of 75 tokens."""

@@ -24,6 +24,7 @@ class HookPoint(enum.Enum):
     MODEL_LOADED = "ModelLoadedContext"  # a different checkpoint was loaded
     APP_STARTED = "AppStartedContext"  # the web server runs: add REST routes
     INFOTEXT_PASTED = "InfotextPastedContext"  # an infotext is pasted into txt2img: rewrite its fields
+    WEIGHT_PATCHES = "WeightPatchesContext"  # once per job: add weight patches (merged for the job, as LoRAs are)
 
 
 @dataclass
@@ -100,6 +101,26 @@ class ModelLoadedContext:
     model: Any
 
 
+@dataclass(frozen=True)
+class WeightPatchSpec:
+    """An extension's weight patch. `deltas(modules)` gets "<component>.<path>" → torch module and returns
+    path → (weight delta or None, bias delta or None), shaped like the module's tensors. `key` says when two jobs ask
+    for the same patch (the merged weights are then kept); `label` names it in messages."""
+
+    key: Any
+    label: str
+    deltas: Callable[[Any], Any]
+
+
+@dataclass
+class WeightPatchesContext:
+    """Append WeightPatchSpec objects to `patches`; `family` is the loaded model's ("sd1", "sd2", "sdxl")."""
+
+    params: GenerationParams
+    family: str
+    patches: list[WeightPatchSpec] = field(default_factory=list)
+
+
 RouteEndpoint = Callable[..., Any]
 
 
@@ -121,7 +142,7 @@ class InfotextPastedContext:
 
 HookContext = (
     BeforeGenerationContext | ConditioningContext | CfgContext | StepContext | ImageContext | BeforeSaveContext
-    | ModelLoadedContext | AppStartedContext | InfotextPastedContext
+    | ModelLoadedContext | AppStartedContext | InfotextPastedContext | WeightPatchesContext
 )
 HookFunction = Callable[[Any], None]
 

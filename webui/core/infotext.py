@@ -10,8 +10,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from webui.core import samplers
-from webui.core.prompt_parser import parse_prompt_attention
 from webui.core.params import GenerationParams, ParamError
+from webui.core.prompt_parser import parse_prompt_attention
 
 NEGATIVE_PROMPT_PREFIX = "Negative prompt:"
 # A1111 treats a last line with fewer matches than this as prompt text, not parameters.

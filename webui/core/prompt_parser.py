@@ -62,13 +62,13 @@ class _WeightedFragments:
             return [("", 1.0)]
         merged_texts = [self.texts[0]]
         merged_weights = [self.weights[0]]
-        for text, weight in zip(self.texts[1:], self.weights[1:]):
+        for text, weight in zip(self.texts[1:], self.weights[1:], strict=True):
             if weight == merged_weights[-1]:
                 merged_texts[-1] += text
             else:
                 merged_texts.append(text)
                 merged_weights.append(weight)
-        return [(text, float(weight)) for text, weight in zip(merged_texts, merged_weights)]
+        return [(text, float(weight)) for text, weight in zip(merged_texts, merged_weights, strict=True)]
 
 
 def _explicit_weight(number_text: str, token: str) -> float:

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from webui.core.events import JobControl, Progress
+from webui.core.extra_networks import ExtraNetworkSyntaxError, format_hashes, parse_extra_networks
 from webui.core.hooks import (
     BeforeGenerationContext,
     BeforeSaveContext,
@@ -20,6 +21,8 @@ from webui.core.hooks import (
     ImageContext,
     NoHooks,
     StepContext,
+    WeightPatchesContext,
+    WeightPatchSpec,
 )
 from webui.core.infotext import build_infotext
 from webui.core.params import GenerationParams, ParamError, image_seeds
@@ -28,6 +31,9 @@ from webui.core.samplers import resolved_schedule_label
 from webui.engine import k_sampling
 from webui.engine.conditioning import clip_skip_limit, encode_for_family, zeroes_empty_negative_prompt
 from webui.engine.model_manager import LoadedModel
+from webui.engine.networks.activation import ExtraNetworks, JobNetworks
+from webui.engine.networks.textual_inversion import EmbeddingLookup
+from webui.engine.patches import ExtensionPatch, WeightPatch, patched
 from webui.engine.rng import ImageRNG
 from webui.engine.unet_eps import UNetEps
 from webui.engine.vae import decode_latent, to_pil
@@ -45,6 +51,31 @@ class GeneratedImage:
     infotext: str
 
 
+@dataclass(frozen=True, slots=True)
+class SamplingPlan:
+    """What a job's sampling passes need, worked out once by `generate` before the model is patched.
+
+    `prompt` is the text the text encoder sees (network tags taken out); `written_params` the parameters the
+    infotext records (comments stripped, tags kept). `schedule_steps` counts denoiser calls for prompt editing.
+    """
+
+    model: LoadedModel
+    params: GenerationParams
+    written_params: GenerationParams
+    version: str
+    control: JobControl
+    hooks: Hooks
+    prompt: str
+    negative_prompt: str
+    embeddings: EmbeddingLookup | None
+    infotext_fields: dict[str, str]
+    schedule_steps: int
+    seeds: list[int]
+    latent_shape: tuple[int, int, int]
+    on_progress: Callable[[Progress], None] | None
+    on_denoised: Callable[[Progress, torch.Tensor], None] | None
+
+
 class SamplingStopped(Exception):
     """Raised inside the denoiser when the job was interrupted or the batch skipped."""
 
@@ -53,6 +84,7 @@ class PromptConditioning:
     """Each distinct scheduled text of a prompt encoded once per job; picked per denoiser call.
 
     `embeddings` holds the cross-attention context per text, `pooled` SDXL's pooled text vector per text.
+    The `embeddings` argument is the textual-inversion lookup the texts are matched against (None: none).
     """
 
     def __init__(
@@ -65,10 +97,12 @@ class PromptConditioning:
         emphasis: str,
         *,
         negative: bool = False,
+        embeddings: EmbeddingLookup | None = None,
     ) -> None:
         self.schedule = get_prompt_schedule(prompt, steps)
         self.embeddings: dict[str, torch.Tensor] = {}
         self.pooled: dict[str, torch.Tensor] = {}
+        self._used_embeddings: dict[str, None] = {}
         # A1111 (SDXL): a negative prompt that is empty at every step conditions on zeros, not on "".
         zeroed = (
             negative and zeroes_empty_negative_prompt(model.family) and all(text == "" for _, text in self.schedule)
@@ -78,7 +112,8 @@ class PromptConditioning:
                 continue
             try:
                 encoded = encode_for_family(
-                    model.family, [text], model.text_encoder, model.text_encoder_2, model.tokenizer, clip_skip, emphasis
+                    model.family, [text], model.text_encoder, model.text_encoder_2, model.tokenizer, clip_skip,
+                    emphasis, embeddings,
                 )
             except ValueError as error:  # e.g. an unreadable emphasis weight "(x:1.2.3)"
                 raise ParamError(field, str(error)) from None
@@ -87,6 +122,12 @@ class PromptConditioning:
             self.embeddings[text] = encoded.crossattn.to(model.policy.unet_dtype)
             if encoded.pooled is not None:
                 self.pooled[text] = encoded.pooled.to(model.policy.unet_dtype)
+            self._used_embeddings.update(dict.fromkeys(encoded.embeddings_used))
+
+    @property
+    def used_embeddings(self) -> tuple[str, ...]:
+        """Names of the textual-inversion embeddings any scheduled text used, in order of first use (`TI hashes`)."""
+        return tuple(self._used_embeddings)
 
     def at(self, denoiser_call: int) -> torch.Tensor:
         return self.embeddings[prompt_at_step(self.schedule, denoiser_call)]
@@ -136,7 +177,7 @@ def make_eps_model(
             cond_pooled, uncond_pooled = cond_pooled.expand(batch, -1), uncond_pooled.expand(batch, -1)
         denoiser_calls += 1
         if cond_embedding.shape[1] == uncond_embedding.shape[1]:
-            both_pooled = None if cond_pooled is None else torch.cat([cond_pooled, uncond_pooled])
+            both_pooled = None if cond_pooled is None or uncond_pooled is None else torch.cat([cond_pooled, uncond_pooled])
             eps = unet_eps(
                 torch.cat([x_in, x_in]),
                 torch.cat([timesteps, timesteps]),
@@ -205,6 +246,15 @@ def run_image_hooks(
     return image, fields
 
 
+def extension_patches(hooks: Hooks, params: GenerationParams, model: LoadedModel) -> list[WeightPatch]:
+    """HookPoint.WEIGHT_PATCHES: the extensions' weight patches for this job, merged like the job's LoRAs."""
+    if not hooks.has(HookPoint.WEIGHT_PATCHES):
+        return []
+    context = WeightPatchesContext(params, model.family.key)
+    hooks.run(HookPoint.WEIGHT_PATCHES, context)
+    return [ExtensionPatch(spec) for spec in context.patches if isinstance(spec, WeightPatchSpec)]
+
+
 def generate(
     model: LoadedModel,
     params: GenerationParams,
@@ -214,6 +264,10 @@ def generate(
     on_progress: Callable[[Progress], None] | None = None,
     on_denoised: Callable[[Progress, torch.Tensor], None] | None = None,
     hooks: Hooks | None = None,
+    *,
+    embeddings: EmbeddingLookup | None = None,
+    networks: ExtraNetworks | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> Iterator[list[GeneratedImage]]:
     """Yield each batch's images as soon as they are decoded; stop early on interrupt, skip a batch on skip.
 
@@ -224,8 +278,7 @@ def generate(
     params, job_infotext_fields = run_before_generation(hooks, params.validated(), first_seed)
     check_params_fit_model(params, model)
     control = control or JobControl()
-    sampler, schedule = params.sampler_and_schedule()
-    schedule_label = resolved_schedule_label(sampler, schedule)
+    sampler, _ = params.sampler_and_schedule()
     # A1111 times prompt editing in denoiser calls, which second-order samplers make twice per step.
     schedule_steps = params.steps * 2 if sampler.second_order else params.steps
     prompt = strip_comments(params.prompt)
@@ -234,12 +287,52 @@ def generate(
     written_params = params.replace(prompt=prompt, negative_prompt=negative_prompt)
     seeds = image_seeds(first_seed, params.image_count)
     latent_shape = (LATENT_CHANNELS, params.height // LATENT_SCALE, params.width // LATENT_SCALE)
-    device = model.policy.device
 
+    # A1111: tags come out of the positive prompt only (a tag in the negative prompt is plain text); the
+    # infotext keeps them in the prompt.
+    try:
+        encoded_prompt, network_calls = parse_extra_networks(prompt)
+    except ExtraNetworkSyntaxError as error:
+        raise ParamError("prompt", str(error)) from None
+    job_networks = (
+        networks.for_job(network_calls, model.family, model.named_modules()) if networks is not None else JobNetworks()
+    )
+    warnings = list(job_networks.warnings)
+    patches = [*job_networks.patches, *extension_patches(hooks, params, model)]
+    with patched(model, patches) as failures:
+        warnings += [f"{failure.label} not applied: {failure.reason}" for failure in failures]
+        if on_warning is not None:
+            for warning in warnings:
+                on_warning(warning)
+        yield from _sample_batches(SamplingPlan(
+            model=model, params=params, written_params=written_params, version=version, control=control,
+            hooks=hooks, prompt=encoded_prompt, negative_prompt=negative_prompt, embeddings=embeddings,
+            infotext_fields={**job_infotext_fields, **job_networks.infotext_fields}, schedule_steps=schedule_steps,
+            seeds=seeds, latent_shape=latent_shape, on_progress=on_progress, on_denoised=on_denoised,
+        ))
+
+
+def _sample_batches(plan: SamplingPlan) -> Iterator[list[GeneratedImage]]:
+    """Encode the prompts once, then sample and decode each batch of the plan (on the already patched model)."""
+    model, params, control, hooks, embeddings = plan.model, plan.params, plan.control, plan.hooks, plan.embeddings
+    on_progress, on_denoised, seeds, latent_shape = plan.on_progress, plan.on_denoised, plan.seeds, plan.latent_shape
+    job_infotext_fields = plan.infotext_fields
+    sampler, schedule = params.sampler_and_schedule()
+    schedule_label = resolved_schedule_label(sampler, schedule)
+    device = model.policy.device
     with torch.inference_mode():
-        encode_options = (schedule_steps, params.clip_skip, params.emphasis)
-        cond = PromptConditioning(model, "prompt", prompt, *encode_options)
-        uncond = PromptConditioning(model, "negative_prompt", negative_prompt, *encode_options, negative=True)
+        encode_options = (plan.schedule_steps, params.clip_skip, params.emphasis)
+        cond = PromptConditioning(model, "prompt", plan.prompt, *encode_options, embeddings=embeddings)
+        uncond = PromptConditioning(
+            model, "negative_prompt", plan.negative_prompt, *encode_options, negative=True, embeddings=embeddings
+        )
+        ti_hashes = {
+            name: embeddings.embeddings[name].short_hash
+            for name in dict.fromkeys((*cond.used_embeddings, *uncond.used_embeddings))
+            if embeddings is not None and name in embeddings.embeddings
+        }
+        if ti_hashes:
+            job_infotext_fields = {**job_infotext_fields, "TI hashes": format_hashes(ti_hashes)}
         if hooks.has(HookPoint.CONDITIONING):
             hooks.run(HookPoint.CONDITIONING, ConditioningContext(params, cond.embeddings, uncond.embeddings))
         for batch_index in range(params.batch_count):
@@ -286,7 +379,7 @@ def generate(
                 pixels = decode_latent(model.vae, latents[index : index + 1], model.vae_scaling_factor)
                 image, extra_fields = run_image_hooks(hooks, params, seed, to_pil(pixels), job_infotext_fields)
                 infotext = build_infotext(
-                    written_params, seed, model.info.stem, model.short_hash, version, extra_fields,
+                    plan.written_params, seed, model.info.stem, model.short_hash, plan.version, extra_fields,
                     vae_name=model.vae_name, vae_hash=model.vae_hash,
                 )
                 images.append(GeneratedImage(image, seed, infotext))

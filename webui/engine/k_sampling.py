@@ -7,6 +7,7 @@ import importlib.util
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -639,7 +640,7 @@ def _brownian_interval_class(randn: TorchsdeRandn) -> type:
         raise RuntimeError("sampling: cannot load torchsde's brownian_interval module")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module._randn = randn
+    cast(Any, module)._randn = randn  # the private copy's noise source (the module has no typed attribute)
     return module.BrownianInterval
 
 

@@ -7,7 +7,7 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ from webui.engine.clip_tokenizer import ClipTokenizer
 from webui.engine.devices import DevicePolicy, empty_cache
 from webui.engine.families import Family
 from webui.engine.model_registry import ModelInfo, ModelRegistry, VaeRegistry
+from webui.engine.patches import PatchState, unpatch
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,17 @@ class LoadedModel:
     policy: DevicePolicy
     vae_file: ModelInfo | None
     hash_lookup: Callable[[ModelInfo], str | None]
+    # The weight patches (LoRA) merged now; webui.engine.patches is the only code that changes it.
+    patch_state: PatchState = field(default_factory=PatchState)
+
+    def named_modules(self) -> dict[str, torch.nn.Module]:
+        """Every module by "<component>.<path>" (the patch layer's module names)."""
+        return {
+            f"{component}.{path}": module
+            for component, root in self.components.modules().items()
+            for path, module in root.named_modules()
+            if path
+        }
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -273,8 +285,17 @@ class ModelManager:
     def _read(self, info: ModelInfo) -> tuple[CachedWeights, ModelComponents]:
         """The checkpoint's weights in RAM at the device dtypes, checked against the family's modules."""
         layout = inspect_checkpoint(info)
-        skeleton = self._skeleton_for(layout.family, layout.config_dir)
-        weights = read_checkpoint(info, skeleton, lambda component: _component_dtype(component, self.policy), layout)
+
+        def modules_while_reading() -> ModelComponents:
+            # Called by read_checkpoint while the file is read on another thread: the tokenizer's
+            # vocabulary (first load only) and the module skeleton cost no time of their own.
+            self._shared_tokenizer()
+            return self._skeleton_for(layout.family, layout.config_dir)
+
+        weights = read_checkpoint(
+            info, modules_while_reading, lambda component: _component_dtype(component, self.policy), layout
+        )
+        skeleton = weights.components
         cached = _weights_to_cache(weights, info, self.policy)
         modules = skeleton.modules()
         if set(modules) != set(cached.state_dicts):
@@ -360,6 +381,8 @@ class ModelManager:
         return self._tokenizer
 
     def _to_ram(self, model: LoadedModel) -> CachedWeights:
+        # The RAM cache holds a checkpoint's own weights only: merged LoRAs are taken out first.
+        unpatch(model)
         return CachedWeights(
             info=model.info,
             family=model.family,
@@ -404,7 +427,7 @@ def _put_weights(module: torch.nn.Module, weights: StateDict, device: torch.devi
         return
     with torch.no_grad():
         for name, source in weights.items():
-            target = parameters.get(name)
+            target: torch.Tensor | None = parameters.get(name)
             if target is None:
                 target = buffers[name]
             target.copy_(source, non_blocking=source.is_pinned())

@@ -9,14 +9,6 @@ from webui.engine.k_sampling import DiscreteSchedule
 from webui.engine.model_manager import LoadedModel
 
 V_PREDICTION = "v_prediction"
-# A1111's defaults for sdxl_crop_top / sdxl_crop_left.
-SDXL_CROP_TOP_LEFT = (0, 0)
-
-
-def sdxl_time_ids(height: int, width: int) -> list[int]:
-    """SDXL's size conditioning as A1111 sends it: the generation size as both original and target, no crop."""
-    crop_top, crop_left = SDXL_CROP_TOP_LEFT
-    return [height, width, crop_top, crop_left, height, width]
 
 
 class UNetEps:
@@ -31,22 +23,24 @@ class UNetEps:
 
     def __init__(self, model: LoadedModel, timestep_sampler: bool, image_size: tuple[int, int]) -> None:
         self.unet = model.unet
+        self.family = model.family
         self.dtype = model.policy.unet_dtype
         self.v_prediction = model.prediction_type == V_PREDICTION
         self.timestep_sampler = timestep_sampler
         self.alphas_cumprod = model.alphas_cumprod.detach().to("cpu", torch.float32)
         self.schedule = DiscreteSchedule(self.alphas_cumprod)
         height, width = image_size
-        self.time_ids = torch.tensor([sdxl_time_ids(height, width)], dtype=torch.float32)
+        time_ids = model.family.time_ids(height, width)
+        self.time_ids = torch.tensor([time_ids], dtype=torch.float32) if time_ids is not None else None
 
     def __call__(
         self, x_in: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor | None
     ) -> torch.Tensor:
         """(x_in (B,4,h,w), timesteps (B,), context (B,T,C), SDXL pooled text (B,P) or None) → eps (B,4,h,w)."""
         kwargs: dict[str, object] = {"encoder_hidden_states": context}
-        if pooled is not None:
-            time_ids = self.time_ids.to(device=x_in.device, dtype=pooled.dtype).expand(x_in.shape[0], -1)
-            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
+        added_conditions = self.family.unet_added_conditions(pooled, self.time_ids)
+        if added_conditions is not None:
+            kwargs["added_cond_kwargs"] = added_conditions
         output = self.unet(x_in.to(self.dtype), timesteps, **kwargs).sample.float()
         if not self.v_prediction:
             return output

@@ -11,10 +11,12 @@ import gradio as gr
 from webui.ui.context import UiContext
 from webui.ui.extension_ui import build_extension_tabs
 from webui.ui.extensions_tab import build_extensions_tab, wire_extensions_tab
+from webui.ui.extra_networks import EXTRA_NETWORKS_CSS, EXTRA_NETWORKS_HEAD, build_extra_networks, wire_extra_networks
 from webui.ui.gallery_tab import build_gallery_tab, wire_gallery
 from webui.ui.model_download_panel import build_download_panel, wire_download_panel
 from webui.ui.pnginfo_tab import build_pnginfo_tab, wire_pnginfo
 from webui.ui.settings_tab import build_settings_tab, settings_components, settings_values, wire_settings
+from webui.ui.styles_ui import style_choices_now
 from webui.ui.txt2img import (
     REMEMBERED_CONTROLS,
     build_top_bar,
@@ -39,7 +41,7 @@ CSS = """
 .ext-table { width: 100%; border-collapse: collapse; font-size: 0.9em; }
 .ext-table th, .ext-table td { border-bottom: 1px solid var(--border-color-primary); padding: 0.3em 0.5em; text-align: left; }
 .ext-table tr.ext-failed td { color: var(--error-text-color, #c00); }
-"""
+""" + EXTRA_NETWORKS_CSS
 
 # Ctrl/Cmd+Enter in a prompt box generates, as in A1111.
 HEAD = """
@@ -53,7 +55,7 @@ document.addEventListener("keydown", (event) => {
   if (button) button.click();
 });
 </script>
-"""
+""" + EXTRA_NETWORKS_HEAD
 
 
 def theme_head(theme: str | None) -> str:
@@ -74,6 +76,7 @@ def build_ui(ctx: UiContext) -> gr.Blocks:
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("txt2img", id="txt2img", elem_id="tab_txt2img"):
                 txt2img = build_txt2img_tab(ctx)
+                extra_networks = build_extra_networks(ctx)
             with gr.Tab("Gallery", id="gallery", elem_id="tab_gallery") as gallery_item:
                 gallery = build_gallery_tab()
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
@@ -84,6 +87,7 @@ def build_ui(ctx: UiContext) -> gr.Blocks:
             with gr.Tab("Extensions", id="extensions", elem_id="tab_extensions") as extensions_item:
                 extensions = build_extensions_tab(ctx)
         wire_txt2img(ctx, top, txt2img)
+        wire_extra_networks(ctx, extra_networks, top, txt2img)
         wire_gallery(ctx, gallery, top, txt2img, tabs, gallery_item)
         wire_pnginfo(ctx, pnginfo, top, txt2img, tabs)
         wire_settings(ctx, settings)
@@ -92,6 +96,8 @@ def build_ui(ctx: UiContext) -> gr.Blocks:
         remember_controls(ctx, demo, remembered_components(top, txt2img))
         demo.load(lambda: loaded_status(ctx), outputs=top.status, api_name=False)
         demo.load(vae_dropdown_now(ctx), outputs=top.vae, api_name=False)
+        if txt2img.styles is not None:
+            demo.load(style_choices_now(ctx), inputs=txt2img.styles, outputs=txt2img.styles, api_name=False)
         demo.load(settings_values(ctx), outputs=settings_components(settings), api_name=False)
         # Another browser may swap the checkpoint, and start-up loads one in the background.
         gr.Timer(STATUS_REFRESH_SECONDS).tick(lambda: loaded_status(ctx), outputs=top.status,

@@ -10,9 +10,11 @@ from pathlib import Path
 from webui.app.extensions import ExtensionHost
 from webui.app.gallery import GalleryIndex
 from webui.app.model_download import BackgroundDownload
+from webui.app.network_cards import NetworkCards
 from webui.app.queue import GenerationQueue
 from webui.app.settings_store import SettingsStore
 from webui.app.token_counter import TokenCounter
+from webui.core.styles import StyleDatabase
 
 
 @dataclass(frozen=True)
@@ -35,3 +37,7 @@ class UiContext:
     extensions: ExtensionHost | None = None
     # "Reload UI": restarts the server process and answers a message for the user; None where it cannot.
     restart: Callable[[], str] | None = None
+    # styles.csv: the styles picker, the Styles cards and their editor; None: no styles.
+    styles: StyleDatabase | None = None
+    # The extra-networks cards (checkpoints, LoRA, embeddings, styles) and the LoRA look-up by hash for pasting.
+    network_cards: NetworkCards | None = None

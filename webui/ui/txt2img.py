@@ -21,7 +21,8 @@ from webui.ui.extension_ui import (
     params_with_extensions,
     pasted_extension_values,
 )
-from webui.ui.paste import checkpoint_choice, values_from_infotext, values_from_parsed
+from webui.ui.paste import checkpoint_choice, restore_styles_and_networks, values_from_infotext, values_from_parsed
+from webui.ui.styles_ui import StylesPicker, apply_styles, build_styles_picker, wire_styles_picker
 
 # Controls kept in the browser's localStorage (they survive a refresh and a server restart), in this order.
 REMEMBERED_CONTROLS = (
@@ -73,6 +74,12 @@ class Txt2ImgTab:
     selected: gr.State
     # Extensions' section controls, by value name "extensions.<extension>.<key>".
     extension_controls: dict[str, gr.components.Component] = field(default_factory=dict)
+    # The styles picker beside the prompt (applied to the prompts when a job is queued) and its ✎ button.
+    styles_picker: StylesPicker | None = None
+
+    @property
+    def styles(self) -> gr.Dropdown | None:
+        return self.styles_picker.dropdown if self.styles_picker is not None else None
 
 
 def job_owner(request: gr.Request | None) -> str | None:
@@ -84,11 +91,14 @@ def job_owner(request: gr.Request | None) -> str | None:
 
 def pasteable_controls(top: TopBar, tab: Txt2ImgTab) -> dict[str, gr.components.Component]:
     """Field name → component for every control an infotext can fill."""
-    return {
+    controls: dict[str, gr.components.Component] = {
         "prompt": tab.prompt, "negative_prompt": tab.negative_prompt, "sampler": tab.sampler,
         "scheduler": tab.scheduler, "steps": tab.steps, "cfg_scale": tab.cfg_scale, "width": tab.width,
         "height": tab.height, "seed": tab.seed, "clip_skip": top.clip_skip, **tab.extension_controls,
     }
+    if tab.styles is not None:
+        controls["styles"] = tab.styles
+    return controls
 
 
 def remembered_components(top: TopBar, tab: Txt2ImgTab) -> list[gr.components.Component]:
@@ -187,6 +197,7 @@ def build_txt2img_tab(ctx: UiContext) -> Txt2ImgTab:
             with gr.Row():
                 interrupt = gr.Button("Interrupt", elem_id="txt2img_interrupt", min_width=60)
                 skip = gr.Button("Skip", elem_id="txt2img_skip", min_width=60)
+            styles_picker = build_styles_picker(ctx)
     with gr.Row():
         with gr.Column(scale=1):
             with gr.Row():
@@ -237,6 +248,7 @@ def build_txt2img_tab(ctx: UiContext) -> Txt2ImgTab:
         steps, cfg_scale, width, height, swap_size, seed, random_seed, reuse_seed, batch_count, batch_size,
         progress, preview, gallery, infotext, send_to_txt2img, download,
         job_id=gr.State(None), results=gr.State([]), selected=gr.State(0), extension_controls=extension_controls,
+        styles_picker=styles_picker,
     )
 
 
@@ -249,7 +261,12 @@ def paste_updates(
         # Extensions may rewrite what is pasted (wildcards puts its template back into the prompt).
         pasted = ctx.extensions.pasted(parsed.prompt, parsed.negative_prompt, parsed.fields)
         parsed = InfotextFields(pasted.prompt, pasted.negative_prompt, pasted.fields)
+    cards = ctx.network_cards
+    parsed, found_styles = restore_styles_and_networks(
+        parsed, ctx.styles, cards.lora_name_by_hash if cards is not None else None)
     values, stem = values_from_parsed(parsed)
+    if found_styles:
+        values["styles"] = found_styles
     values.update(pasted_extension_values(ctx.extensions, parsed.fields))
     updates: dict[gr.components.Component, Any] = {
         controls[name]: value for name, value in values.items() if name in controls
@@ -274,6 +291,9 @@ def wire_txt2img(ctx: UiContext, top: TopBar, tab: Txt2ImgTab) -> None:
 
     def generate(values: dict[gr.components.Component, Any], request: gr.Request) -> Iterator[dict[Any, Any]]:
         named = {name: values[component] for name, component in generation_controls.items()}
+        # A1111 applies the selected styles to the prompts before the job (the infotext holds the styled prompt).
+        named["prompt"], named["negative_prompt"] = apply_styles(
+            ctx.styles, named["prompt"] or "", named["negative_prompt"] or "", named.get("styles"))
         try:
             params = to_params(named)
             extension_values = {name: named[name] for name in tab.extension_controls}
@@ -344,6 +364,8 @@ def wire_txt2img(ctx: UiContext, top: TopBar, tab: Txt2ImgTab) -> None:
                         api_name=False)
 
     wire_send_to_txt2img(ctx, tab.send_to_txt2img, tab.infotext, top, tab, tabs=None, set_checkpoint=True)
+    if tab.styles_picker is not None:
+        wire_styles_picker(ctx, tab.styles_picker, tab.prompt, tab.negative_prompt)
 
     def count(prompt: str, steps: float) -> str:
         return ctx.token_counter.label(prompt or "", int(steps or 1))
