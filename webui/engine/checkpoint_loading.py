@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -62,8 +60,6 @@ class CheckpointWeights:
     alphas_cumprod: torch.Tensor
     prediction_type: str | None
     vae_scaling_factor: float
-    # The modules the weights were converted for (given or built by read_checkpoint); still empty.
-    components: ModelComponents
 
 
 def sidecar_config_dir(checkpoint: Path) -> Path:
@@ -175,23 +171,22 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 
 
-def _load_raw_state_dict(
-    info: ModelInfo,
-    tensors: dict[str, TensorInfo],
-    dtype_of: DtypeOfComponent | None = None,
-    stop: threading.Event | None = None,
+def _read_tensors(
+    info: ModelInfo, tensors: dict[str, TensorInfo], dtype_of: DtypeOfComponent | None = None
 ) -> StateDict:
     """Every tensor of the file, each copied (or converted to `dtype_of(component)`) out of a memory map
-    one at a time, the map's pages released right after.
+    straight into its own new tensor, one at a time, the map's pages released right after.
 
     Not safetensors' loader: its mapped pages stay counted in the process's resident memory until the
     file is closed, so RAM holds the file beside the converted model (measured 1.5x the model's size
     for SD 1.5 on CPU); reading with read() instead costs one more copy (measured +1.3 s for SD 1.5).
-    `tensors` is the file's header, parsed and bounds-checked by read_safetensors_header. Setting `stop`
-    (from another thread) ends the read at the next tensor with CheckpointLoadError.
+    `tensors` is the file's header, parsed and bounds-checked by read_safetensors_header.
 
-    The time goes to page faults on the new tensors' memory (an fp32 SD 1.5 is 4 GB of fresh pages),
-    not to the copies: the conversions run on all cores (torch's intra-op threads) and release the GIL.
+    The time goes to the kernel mapping the new tensors' pages (an fp32 SD 1.5 is 4.3 GB of fresh memory),
+    inside the one copy per tensor, which runs on all cores (torch's intra-op threads). Measured on 2 cores,
+    neither mapping the pages ahead on another thread (madvise MADV_POPULATE_WRITE) nor building the module
+    skeleton meanwhile made the load faster: the kernel maps pages for one thread at a time, and Python work
+    beside the copies only takes their cores and the GIL.
     """
     checkpoint: StateDict = {}
     page = mmap.PAGESIZE
@@ -201,29 +196,26 @@ def _load_raw_state_dict(
         # A private (copy-on-write) map is writable, as torch.frombuffer wants; nothing is ever written.
         with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
             for key, entry in sorted(tensors.items(), key=lambda item: item[1].offset):
-                if stop is not None and stop.is_set():
-                    raise CheckpointLoadError(f"{info.name}: reading stopped")
-                dtype = SAFETENSORS_DTYPES.get(entry.dtype)
-                if dtype is None:
+                file_dtype = SAFETENSORS_DTYPES.get(entry.dtype)
+                if file_dtype is None:
                     raise CheckpointLoadError(f"{info.name}: tensor {key} has an unsupported dtype {entry.dtype}")
                 count = math.prod(entry.shape)
-                if count * dtype.itemsize != entry.nbytes:
+                if count * file_dtype.itemsize != entry.nbytes:
                     raise CheckpointLoadError(
                         f"{info.name}: tensor {key} has {entry.nbytes} bytes for shape {entry.shape}"
                     )
-                if count == 0:
-                    checkpoint[key] = torch.empty(entry.shape, dtype=dtype)
-                    continue
-                view = torch.frombuffer(mapped, dtype=dtype, count=count, offset=entry.offset).reshape(entry.shape)
                 component = next((name for prefix, name in _COMPONENT_OF_PREFIX if key.startswith(prefix)), None)
-                target = dtype_of(component) if dtype_of is not None and component is not None else dtype
-                if not view.is_floating_point():
-                    target = dtype
-                # .to() of the same dtype would return the view itself, which must not outlive the map.
-                checkpoint[key] = view.clone() if target == dtype else view.to(target)
-                del view
-                start = entry.offset - entry.offset % page
-                mapped.madvise(mmap.MADV_DONTNEED, start, entry.offset + entry.nbytes - start)
+                dtype = file_dtype
+                if dtype_of is not None and component is not None and file_dtype.is_floating_point:
+                    dtype = dtype_of(component)
+                tensor = torch.empty(entry.shape, dtype=dtype)
+                if count:
+                    source = torch.frombuffer(mapped, dtype=file_dtype, count=count, offset=entry.offset)
+                    tensor.view(-1).copy_(source)
+                    del source  # no tensor may outlive the map
+                    start = entry.offset - entry.offset % page
+                    mapped.madvise(mmap.MADV_DONTNEED, start, entry.offset + entry.nbytes - start)
+                checkpoint[key] = tensor
     return checkpoint
 
 
@@ -290,49 +282,28 @@ def _text_encoder_weights(family: Family, checkpoint: StateDict, skeleton: Model
     return weights
 
 
-def _prediction_type(family: Family, config_dir: Path, scheduler_config: dict[str, object]) -> str | None:
-    """The prediction type the configs can vouch for; None: run A1111's v-prediction test on the UNet.
-
-    The shipped SD 2.x config serves both 512 (eps) and 768-v files, so only a sidecar that states
-    prediction_type settles it; SD 1.x and SDXL base are eps unless their config says otherwise.
-    """
-    return family.prediction_type(config_dir, scheduler_config)
-
-
 def read_checkpoint(
     info: ModelInfo,
-    skeleton: ModelComponents | Callable[[], ModelComponents] | None = None,
+    skeleton: ModelComponents | None = None,
     dtype_of: DtypeOfComponent | None = None,
     layout: CheckpointLayout | None = None,
 ) -> CheckpointWeights:
     """Every component's weights of one single-file checkpoint, converted to diffusers names.
 
     `skeleton` (modules built for this family and config) supplies the configs the converters need;
-    a callable is called for them while the file is being read; without it a skeleton is built on the
-    meta device just for that. `dtype_of(component)` gives the dtype each component's weights are
-    converted to while reading (default: the file's). `layout` is the header already read by the
-    caller (inspect_checkpoint), if any.
+    without it a skeleton is built on the meta device just for that. `dtype_of(component)` gives the
+    dtype each component's weights are converted to while reading (default: the file's). `layout` is
+    the header already read by the caller (inspect_checkpoint), if any.
     """
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
     layout = layout if layout is not None else inspect_checkpoint(info)
     family, config_dir = layout.family, layout.config_dir
-    # The file is read on a worker thread (copies and page faults in native code, without the GIL) while this
-    # thread builds the modules (Python code): the two overlap instead of adding up (~0.3 s of an SD 1.5 load).
-    stop = threading.Event()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-read") as pool:
-        reading = pool.submit(_load_raw_state_dict, info, layout.tensors, dtype_of, stop)
-        try:
-            if skeleton is None:
-                skeleton = build_components(family, config_dir)
-            elif not isinstance(skeleton, ModelComponents):
-                skeleton = skeleton()
-            scheduler_config = read_component_config(config_dir, "scheduler")
-            vae_config = read_component_config(config_dir, "vae")
-        except BaseException:
-            stop.set()  # no use for the weights: end the read rather than wait for all of it
-            raise
-        checkpoint = reading.result()
+    if skeleton is None:
+        skeleton = build_components(family, config_dir)
+    scheduler_config = read_component_config(config_dir, "scheduler")
+    vae_config = read_component_config(config_dir, "vae")
+    checkpoint = _read_tensors(info, layout.tensors, dtype_of)
     try:
         state_dicts = {
             "unet": convert_ldm_unet_checkpoint(checkpoint, skeleton.unet.config),
@@ -344,20 +315,18 @@ def read_checkpoint(
             f"{info.name}: the weights do not match the {family.label} layout ({error!r})"
         ) from error
     if "alphas_cumprod" in checkpoint:
-        # A small table; a copy so that no tensor of the file's mapping outlives this function.
-        alphas_cumprod = checkpoint["alphas_cumprod"].to(torch.float32).clone()
+        alphas_cumprod = checkpoint["alphas_cumprod"].to(torch.float32)
     else:
         alphas_cumprod = alphas_cumprod_from_config(scheduler_config)
-    # The converted dicts share the file's tensors; dropping the raw dict leaves exactly one reference to each.
+    # The converted dicts share the tensors read; dropping the raw dict leaves exactly one reference to each.
     checkpoint.clear()
     return CheckpointWeights(
         family=family,
         config_dir=config_dir,
         state_dicts=state_dicts,
         alphas_cumprod=alphas_cumprod,
-        prediction_type=_prediction_type(family, config_dir, scheduler_config),
+        prediction_type=family.prediction_type(config_dir, scheduler_config),
         vae_scaling_factor=float(vae_config.get("scaling_factor", 0.18215)),  # type: ignore[arg-type]
-        components=skeleton,
     )
 
 

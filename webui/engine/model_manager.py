@@ -285,17 +285,8 @@ class ModelManager:
     def _read(self, info: ModelInfo) -> tuple[CachedWeights, ModelComponents]:
         """The checkpoint's weights in RAM at the device dtypes, checked against the family's modules."""
         layout = inspect_checkpoint(info)
-
-        def modules_while_reading() -> ModelComponents:
-            # Called by read_checkpoint while the file is read on another thread: the tokenizer's
-            # vocabulary (first load only) and the module skeleton cost no time of their own.
-            self._shared_tokenizer()
-            return self._skeleton_for(layout.family, layout.config_dir)
-
-        weights = read_checkpoint(
-            info, modules_while_reading, lambda component: _component_dtype(component, self.policy), layout
-        )
-        skeleton = weights.components
+        skeleton = self._skeleton_for(layout.family, layout.config_dir)
+        weights = read_checkpoint(info, skeleton, lambda component: _component_dtype(component, self.policy), layout)
         cached = _weights_to_cache(weights, info, self.policy)
         modules = skeleton.modules()
         if set(modules) != set(cached.state_dicts):
